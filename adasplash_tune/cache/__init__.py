@@ -1,0 +1,1 @@
+"""The config cache: SQLAlchemy store, shipped caches and the call-time loader."""

@@ -1,0 +1,1 @@
+"""Kernel declarations, one module per kernel family, each exposing ``SPECS: {backend: KernelSpec}``."""

@@ -1,0 +1,44 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors: TRITON_INTERPRET
+must be set before any kernel module is imported, so it is set here, first. GPU tests carry the
+``gpu`` marker (run them with ``pytest -m gpu`` on a CUDA machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: Where Triton-backend tests put their tensors: the GPU if present, else CPU (interpreter).
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_selection_memo():
+    """Each test starts with an empty call-time selection memo."""
+    from adasplash_tune.api import clear_memo
+
+    clear_memo()
+    yield
+    clear_memo()
+
+
+@pytest.fixture
+def triton_device() -> str:
+    return TRITON_DEVICE
