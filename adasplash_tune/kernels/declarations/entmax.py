@@ -2,27 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from ..spec import Constraint, KernelSpec, Param
 
 NITER_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 30)
 
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _tile(values: Mapping[str, Any], context: Mapping[str, Any]) -> int:
+    """Columns per tile a launch really uses: the row, rounded up to a power of two, capped."""
+    cols = context.get("cols")
+    return values["block_n"] if cols is None else min(values["block_n"], max(16, _pow2(cols)))
+
+
 TRITON = KernelSpec(
     kernel="entmax",
     backend="triton",
-    doc="row-wise alpha-entmax; each program handles ROWS rows, sweeping the row in BLOCK_N tiles",
+    doc="row-wise alpha-entmax; each program handles ROWS rows, in tiles of up to BLOCK_N columns",
     params=(
-        Param("block_n", (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), 1024,
-              "columns per tile; a row longer than this is swept several times"),
+        Param("block_n", (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), 8192,
+              "widest tile; a row uses min(block_n, next_pow2(cols)) columns per tile and is swept "
+              "tile by tile in every iteration when longer"),
         Param("rows", (1, 2, 4, 8, 16), 1, "rows per program"),
-        Param("num_warps", (1, 2, 4, 8, 16, 32), 4),
-        Param("num_stages", (1, 2, 3, 4), 1),
+        Param("num_warps", (1, 2, 4, 8, 16, 32), 8, "warps per program (capped at rows * tile / 32)"),
+        Param("num_stages", (1, 2, 3, 4), 1, "software-pipelining stages of the multi-tile sweeps"),
         Param("niter", NITER_CHOICES, 10, "Halley-bisection iterations for tau", accuracy=True),
     ),
     constraints=(
-        Constraint(("block_n", "rows"), "rows * block_n <= 65536 (register/shared budget)",
+        Constraint(("block_n", "rows"), "rows * block_n <= 65536 (register budget)",
                    lambda v, c: v["rows"] * v["block_n"] <= 65536),
-        Constraint(("num_warps", "block_n", "rows"), "num_warps * 32 <= rows * block_n",
-                   lambda v, c: v["num_warps"] * 32 <= v["rows"] * v["block_n"]),
+        Constraint(("num_warps", "block_n", "rows"), "num_warps == 1 or num_warps * 32 <= rows * tile",
+                   lambda v, c: v["num_warps"] == 1 or v["num_warps"] * 32 <= v["rows"] * _tile(v, c)),
+        Constraint(("block_n",), "block_n <= max(64, next_pow2(cols)) (a wider tile repeats a narrower one)",
+                   lambda v, c: "cols" not in c or v["block_n"] <= max(64, _pow2(c["cols"]))),
+        Constraint(("rows",), "rows per program <= the problem's row count",
+                   lambda v, c: "rows" not in c or v["rows"] <= max(1, _pow2(c["rows"]))),
     ),
     sources=("kernels/entmax.py", "kernels/declarations/entmax.py"),
 )

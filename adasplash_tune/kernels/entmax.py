@@ -1,0 +1,404 @@
+"""Row-wise alpha-entmax in Triton: jit kernels -> launchers (explicit Config) -> autograd.Function.
+
+Forward, per row: z = (alpha - 1) x shifted by its max (so max z = 0), tau from the safeguarded
+Halley-bisection of f(tau) = sum [z - tau]_+^b - 1 (b = 1 / (alpha - 1)) started at tau = -1 inside
+the bracket [-1, -n^(1 - alpha)], then p = [z - tau]_+^b renormalised by its sum.
+Backward: with s = p^(2 - alpha) on the support, dx = s g - s sum(s g) / sum(s).
+
+alpha = 1.5 and alpha = 2 are compile-time specialisations that use squares and support counts
+only; any other alpha uses log2/exp2. A row that fits one tile stays in registers across the
+iterations; a longer row is swept tile by tile in every iteration.
+
+Launch parameters come only from the :class:`Config` (``block_n``, ``rows``, ``num_warps``,
+``num_stages``, ``niter``); see :func:`launch_params` for how they map onto one launch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .spec import Config, ConfigError
+
+__all__ = ["entmax_triton", "entmax_forward", "entmax_backward", "launch_params", "LaunchParams"]
+
+_MODE_GENERIC, _MODE_15, _MODE_2 = 0, 1, 2
+_MIN_TILE = 16
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _log2(x, FAST_LOG: tl.constexpr):
+    """log2 of a positive fp32 tile: one MUFU op on NVIDIA (lg2.approx), else the precise one."""
+    if FAST_LOG:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _sum3(t0, t1, t2, FUSED: tl.constexpr):
+    """Row sums of three tiles: one fused tuple reduction, or three tl.sum (interpreter)."""
+    if FUSED:
+        s0, s1, s2 = tl.reduce((t0, t1, t2), 1, _add3)
+    else:
+        s0 = tl.sum(t0, axis=1)
+        s1 = tl.sum(t1, axis=1)
+        s2 = tl.sum(t2, axis=1)
+    return s0, s1, s2
+
+
+@triton.jit
+def _sum2(t0, t1, FUSED: tl.constexpr):
+    if FUSED:
+        s0, s1 = tl.reduce((t0, t1), 1, _add2)
+    else:
+        s0 = tl.sum(t0, axis=1)
+        s1 = tl.sum(t1, axis=1)
+    return s0, s1
+
+
+@triton.jit
+def _row_sums(z, tau, b, MODE: tl.constexpr, FUSED: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Per-row (sum u^b, sum u^(b-1), sum u^(b-2)) with u = [z - tau]_+ over a [ROWS, BLOCK_N] tile.
+
+    alpha = 2 returns the third sum as zeros (f'' = 0).
+    """
+    u = tl.maximum(z - tau[:, None], 0.0)
+    # support counts compare z with tau directly: testing u > 0 makes LLVM pack the predicates
+    # into bit masks and unpack them again (about 30% more instructions per iteration).
+    if MODE == 1:
+        s0, s1, s2 = _sum3(u * u, u, tl.where(z > tau[:, None], 1.0, 0.0), FUSED)
+    elif MODE == 2:
+        s0, s1 = _sum2(u, tl.where(z > tau[:, None], 1.0, 0.0), FUSED)
+        s2 = s0 * 0.0
+    else:
+        uc = tl.maximum(u, 1e-20)
+        w2 = tl.where(u > 0.0, tl.exp2((b - 2.0) * _log2(uc, FAST_LOG)), 0.0)
+        w1 = w2 * uc
+        s0, s1, s2 = _sum3(w1 * uc, w1, w2, FUSED)
+    return s0, s1, s2
+
+
+@triton.jit
+def _halley_step(tau, lo, hi, s0, s1, s2, b, MODE: tl.constexpr):
+    """One safeguarded Halley (Newton for alpha = 2) update of tau and its bracket [lo, hi]."""
+    f = s0 - 1.0
+    above = f > 0.0
+    lo = tl.where(above, tau, lo)
+    hi = tl.where(above, hi, tau)
+    if MODE == 2:
+        num = f
+        den = -s1
+    elif MODE == 1:
+        df = -2.0 * s1
+        num = 2.0 * f * df
+        den = 2.0 * df * df - 2.0 * f * s2
+    else:
+        df = -b * s1
+        num = 2.0 * f * df
+        den = 2.0 * df * df - f * (b * (b - 1.0) * s2)
+    ok = den != 0.0
+    cand = tau - num / tl.where(ok, den, 1.0)
+    inside = ok & (cand >= lo) & (cand <= hi)
+    nxt = tl.where(inside, cand, 0.5 * (lo + hi))
+    tau = tl.where(f == 0.0, tau, nxt)
+    return tau, lo, hi
+
+
+@triton.jit
+def _probs(z, tau, b, MODE: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Unnormalised [z - tau]_+^b."""
+    u = tl.maximum(z - tau[:, None], 0.0)
+    if MODE == 1:
+        p = u * u
+    elif MODE == 2:
+        p = u
+    else:
+        p = tl.where(u > 0.0, tl.exp2(b * _log2(tl.maximum(u, 1e-20), FAST_LOG)), 0.0)
+    return p
+
+
+@triton.jit
+def _load_z(x_rows, cols, row_ok, n_cols, zmax, scale):
+    """Load one tile as scaled fp32 z - zmax; columns past the row hold -inf."""
+    col_ok = cols < n_cols
+    x = tl.load(x_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    z = x.to(tl.float32) * scale - zmax[:, None]
+    return tl.where(col_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _entmax_fwd_kernel(
+    X, Y, n_rows, n_cols, stride_x, stride_y, scale, b, gap, niter,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr,
+    FUSED: tl.constexpr, FAST_LOG: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    x_rows = X + rows.to(tl.int64) * stride_x
+    y_rows = Y + rows.to(tl.int64) * stride_y
+    cols = tl.arange(0, BLOCK_N)
+    zero = tl.zeros([ROWS], dtype=tl.float32)
+    if SINGLE:
+        z = _load_z(x_rows, cols, row_ok, n_cols, zero, scale)
+        z = z - tl.max(z, axis=1)[:, None]
+        lo = zero - 1.0
+        hi = zero - gap
+        tau = lo
+        for _ in range(niter):
+            s0, s1, s2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
+            tau, lo, hi = _halley_step(tau, lo, hi, s0, s1, s2, b, MODE)
+        p = _probs(z, tau, b, MODE, FAST_LOG)
+        p = p * (1.0 / tl.sum(p, axis=1))[:, None]
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        tl.store(y_rows[:, None] + cols[None, :], p.to(Y.dtype.element_ty), mask=mask)
+    else:
+        zmax = zero + float("-inf")
+        for start in range(0, n_cols, BLOCK_N):
+            z = _load_z(x_rows, start + cols, row_ok, n_cols, zero, scale)
+            zmax = tl.maximum(zmax, tl.max(z, axis=1))
+        lo = zero - 1.0
+        hi = zero - gap
+        tau = lo
+        for _ in range(niter):
+            s0 = zero
+            s1 = zero
+            s2 = zero
+            for start in range(0, n_cols, BLOCK_N):
+                z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
+                a0, a1, a2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
+                s0 += a0
+                s1 += a1
+                s2 += a2
+            tau, lo, hi = _halley_step(tau, lo, hi, s0, s1, s2, b, MODE)
+        total = zero
+        for start in range(0, n_cols, BLOCK_N):
+            z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
+            total += tl.sum(_probs(z, tau, b, MODE, FAST_LOG), axis=1)
+        inv = 1.0 / total
+        for start in range(0, n_cols, BLOCK_N):
+            z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
+            p = _probs(z, tau, b, MODE, FAST_LOG) * inv[:, None]
+            mask = row_ok[:, None] & (start + cols < n_cols)[None, :]
+            tl.store(y_rows[:, None] + (start + cols)[None, :], p.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _support_weight(p, expo, MODE: tl.constexpr, FAST_LOG: tl.constexpr):
+    """s = p^(2 - alpha) on the support (any positive multiple of it gives the same gradient)."""
+    if MODE == 1:
+        s = tl.sqrt(p)
+    elif MODE == 2:
+        s = tl.where(p > 0.0, 1.0, 0.0)
+    else:
+        s = tl.where(p > 0.0, tl.exp2(expo * _log2(tl.maximum(p, 1e-30), FAST_LOG)), 0.0)
+    return s
+
+
+@triton.jit
+def _entmax_bwd_kernel(
+    P, G, DX, n_rows, n_cols, stride_p, stride_g, stride_dx, expo,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr,
+    FUSED: tl.constexpr, FAST_LOG: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    p_rows = P + rows.to(tl.int64) * stride_p
+    g_rows = G + rows.to(tl.int64) * stride_g
+    dx_rows = DX + rows.to(tl.int64) * stride_dx
+    cols = tl.arange(0, BLOCK_N)
+    zero = tl.zeros([ROWS], dtype=tl.float32)
+    if SINGLE:
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        p = tl.load(p_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _support_weight(p, expo, MODE, FAST_LOG)
+        sg = s * g
+        ssum, sgsum = _sum2(s, sg, FUSED)
+        mean = sgsum / tl.where(ssum > 0.0, ssum, 1.0)
+        dx = sg - s * mean[:, None]
+        tl.store(dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        ssum = zero
+        sgsum = zero
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < n_cols)[None, :]
+            p = tl.load(p_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _support_weight(p, expo, MODE, FAST_LOG)
+            a0, a1 = _sum2(s, s * g, FUSED)
+            ssum += a0
+            sgsum += a1
+        mean = sgsum / tl.where(ssum > 0.0, ssum, 1.0)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < n_cols)[None, :]
+            p = tl.load(p_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = _support_weight(p, expo, MODE, FAST_LOG)
+            dx = s * g - s * mean[:, None]
+            tl.store(dx_rows[:, None] + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    """What one launch actually uses for a row length (derived from a Config, never tuned directly)."""
+
+    block_n: int
+    rows: int
+    num_warps: int
+    num_stages: int
+    niter: int
+    single: bool
+
+
+def _mode(alpha: float) -> int:
+    if alpha == 1.5:
+        return _MODE_15
+    if alpha == 2.0:
+        return _MODE_2
+    return _MODE_GENERIC
+
+
+def _hardware_flags(t: torch.Tensor) -> dict[str, bool]:
+    """Compile-time switches that differ between real hardware and the interpreter.
+
+    FUSED: one tuple reduction for several row sums (the interpreter runs a custom combine
+    function element by element, so it gets plain tl.sum). FAST_LOG: lg2.approx on NVIDIA GPUs
+    (tl.log2 compiles to a polynomial); the interpreter and ROCm use tl.log2.
+    """
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    nvidia = t.is_cuda and torch.version.hip is None
+    return {"FUSED": not interpreted, "FAST_LOG": nvidia and not interpreted}
+
+
+def launch_params(config: Config, cols: int) -> LaunchParams:
+    """Map a Config onto one launch for rows of ``cols`` columns.
+
+    ``block_n`` is the widest tile: a row uses min(block_n, next_pow2(cols)) columns per tile
+    (a wider tile would only add masked lanes) and is swept several times when longer.
+    ``num_warps`` is capped so that every thread holds at least one element of the tile.
+    """
+    if config.kernel != "entmax" or config.backend != "triton":
+        raise ConfigError(f"entmax_triton needs an entmax/triton config, got {config.kernel}/{config.backend}")
+    try:
+        block_n, rows = int(config["block_n"]), int(config["rows"])
+        num_warps, num_stages, niter = int(config["num_warps"]), int(config["num_stages"]), int(config["niter"])
+    except KeyError as exc:
+        raise ConfigError(f"entmax/triton config lacks field {exc.args[0]!r}") from None
+    if niter < 1:
+        raise ConfigError(f"config field 'niter' must be >= 1, got {niter}")
+    tile = min(block_n, max(_MIN_TILE, triton.next_power_of_2(max(cols, 1))))
+    warps = max(1, min(num_warps, rows * tile // 32))
+    return LaunchParams(tile, rows, warps, num_stages, niter, tile >= cols)
+
+
+def _check_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, cols), got shape {tuple(t.shape)}")
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} has dtype {t.dtype}; the triton entmax supports float32, float16, bfloat16")
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"{name} is on {t.device}: the triton entmax needs a GPU tensor "
+                         "(CPU tensors only under TRITON_INTERPRET=1); use the torch backend")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def entmax_forward(x: torch.Tensor, alpha: float, config: Config) -> torch.Tensor:
+    """alpha-entmax over the last dim of a 2-D tensor (no autograd). Output has x's dtype."""
+    x = _check_rows("x", x)
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        return y
+    lp = launch_params(config, n_cols)
+    alpha = float(alpha)
+    grid = (triton.cdiv(n_rows, lp.rows),)
+    _entmax_fwd_kernel[grid](
+        x, y, n_rows, n_cols, x.stride(0), y.stride(0),
+        alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha), lp.niter,
+        ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
+        **_hardware_flags(x),
+        num_warps=lp.num_warps, num_stages=lp.num_stages,
+    )
+    return y
+
+
+def entmax_backward(p: torch.Tensor, grad: torch.Tensor, alpha: float, config: Config) -> torch.Tensor:
+    """Gradient w.r.t. the entmax input, given its output ``p`` and the output gradient ``grad``."""
+    p = _check_rows("p", p)
+    grad = _check_rows("grad", grad)
+    if grad.shape != p.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match output shape {tuple(p.shape)}")
+    n_rows, n_cols = p.shape
+    dx = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    if p.numel() == 0:
+        return dx
+    lp = launch_params(config, n_cols)
+    alpha = float(alpha)
+    grid = (triton.cdiv(n_rows, lp.rows),)
+    _entmax_bwd_kernel[grid](
+        p, grad, dx, n_rows, n_cols, p.stride(0), grad.stride(0), dx.stride(0), 2.0 - alpha,
+        ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
+        **_hardware_flags(p),
+        num_warps=lp.num_warps, num_stages=lp.num_stages,
+    )
+    return dx
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _EntmaxTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float, config: Config) -> torch.Tensor:  # type: ignore[override]
+        y = entmax_forward(x, alpha, config)
+        ctx.alpha = alpha
+        ctx.config = config
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        dx = entmax_backward(y, grad.to(y.dtype), ctx.alpha, ctx.config)
+        return dx, None, None
+
+
+def entmax_triton(x: torch.Tensor, alpha: float, config: Config) -> torch.Tensor:
+    """alpha-entmax over the last dim of 2-D ``x`` (rows, cols) with the launch given by ``config``.
+
+    Computes in fp32; the output has x's dtype (float32, float16 or bfloat16). Differentiable.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+    alpha = float(alpha)
+    if not 1.0 < alpha <= 2.0:
+        raise ValueError(f"alpha must be in (1, 2], got {alpha}")
+    return _EntmaxTriton.apply(x, alpha, config)

@@ -1,0 +1,189 @@
+"""adasplash_tune.entmax on the torch and triton backends against the fp64 oracle.
+
+On a machine without CUDA the triton backend runs under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), so these cases stay tiny: a few rows, at most 255 columns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adasplash_tune
+from adasplash_tune.kernels import entmax as triton_entmax_module
+from adasplash_tune.kernels.entmax import entmax_triton, launch_params
+from adasplash_tune.kernels.reference import entmax_reference, relative_error, tolerance
+from adasplash_tune.kernels.registry import get_spec
+from adasplash_tune.kernels.spec import ConfigError
+from adasplash_tune.kernels.torch_backend.entmax import entmax_torch
+
+ALPHAS = (1.25, 1.5, 2.0)
+COLS = (1, 7, 100, 255)
+
+#: Two or more launch configs per backend. For triton the second one sweeps rows of 100 and 255
+#: columns in 64-column tiles (multi-tile path) with two rows per program over an odd row count.
+CONFIGS = {
+    "torch": [None, {"row_chunk": 256, "niter": 12}],
+    "triton": [None, {"block_n": 64, "rows": 2, "num_warps": 2, "niter": 12}],
+}
+#: Rows per case, per config: 260 rows make two chunks of 256 on the torch backend.
+ROWS = {"torch": [3, 260], "triton": [3, 3]}
+
+
+def _input(shape, dtype, device, seed, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _check(out, x, grad, alpha, dim=-1):
+    """Forward and input gradient of ``out`` (computed from leaf ``x``) vs the oracle."""
+    (gx,) = torch.autograd.grad(out, x, grad)
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    ref = entmax_reference(x64, alpha, dim=dim)
+    (gref,) = torch.autograd.grad(ref, x64, grad.to(torch.float64))
+    assert out.dtype == x.dtype and out.shape == x.shape
+    fwd_err = relative_error(out, ref)
+    grad_err = relative_error(gx, gref)
+    assert fwd_err <= tolerance(x.dtype), f"forward error {fwd_err:.2e}"
+    assert grad_err <= tolerance(x.dtype, grad=True), f"gradient error {grad_err:.2e}"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend_device(request, triton_device):
+    return request.param, ("cpu" if request.param == "torch" else triton_device)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("cols", COLS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_forward_and_grad_match_oracle(backend_device, alpha, cols, dtype):
+    backend, device = backend_device
+    for i, config in enumerate(CONFIGS[backend]):
+        seed = 1000 * i + 10 * cols + int(10 * alpha) + (7 if dtype == torch.bfloat16 else 0)
+        shape = (ROWS[backend][i], cols)
+        x = _input(shape, dtype, device, seed).requires_grad_()
+        grad = _input(shape, dtype, device, seed + 1, scale=1.0)
+        out = adasplash_tune.entmax(x, alpha, backend=backend, config=config)
+        _check(out, x, grad, alpha)
+
+
+def test_float16_once(backend_device):
+    backend, device = backend_device
+    x = _input((3, 37), torch.float16, device, seed=5).requires_grad_()
+    grad = _input((3, 37), torch.float16, device, seed=6, scale=1.0)
+    _check(adasplash_tune.entmax(x, 1.5, backend=backend), x, grad, 1.5)
+
+
+@pytest.mark.parametrize("alpha", (1.25, 2.0))
+def test_dim_not_last(backend_device, alpha):
+    backend, device = backend_device
+    x = _input((2, 19, 3), torch.float32, device, seed=9).requires_grad_()
+    grad = _input((2, 19, 3), torch.float32, device, seed=10, scale=1.0)
+    _check(adasplash_tune.entmax(x, alpha, dim=1, backend=backend), x, grad, alpha, dim=1)
+
+
+def test_niter_override(backend_device):
+    """niter takes precedence over the config; too few iterations are visibly inaccurate."""
+    backend, device = backend_device
+    # small-scale scores over 255 columns: a dense output, the slowest case for tau
+    x = _input((2, 255), torch.float32, device, seed=12, scale=0.3)
+    ref = entmax_reference(x.cpu().double(), 2.0)
+    rough = adasplash_tune.entmax(x, 2.0, niter=1, backend=backend)
+    fine = adasplash_tune.entmax(x, 2.0, niter=40, backend=backend)  # beyond the declared choices
+    assert relative_error(rough.cpu(), ref) > 1e-2
+    assert relative_error(fine.cpu(), ref) <= tolerance(torch.float32)
+    explicit = adasplash_tune.entmax(x, 2.0, backend=backend, config={"niter": 1})
+    assert torch.equal(explicit, rough)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_torch_backend_gradcheck_fp64(alpha):
+    cfg = get_spec("entmax", "torch").validate({"niter": 30})
+    x = _input((3, 8), torch.float64, "cpu", seed=13).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: entmax_torch(t, alpha, cfg), (x,))
+
+
+def test_torch_backend_keeps_fp64():
+    cfg = get_spec("entmax", "torch").validate({"niter": 30})
+    x = _input((4, 50), torch.float64, "cpu", seed=14)
+    out = entmax_torch(x, 1.5, cfg)
+    assert out.dtype == torch.float64
+    assert relative_error(out, entmax_reference(x, 1.5)) <= tolerance(torch.float64)
+
+
+@pytest.mark.parametrize("alpha", (1.5, 1.3))
+def test_triton_fused_reduction_path(triton_device, monkeypatch, alpha):
+    """The tuple reductions used on GPUs (the interpreter normally takes plain tl.sum)."""
+    if triton_device == "cpu":
+        monkeypatch.setattr(triton_entmax_module, "_hardware_flags", lambda t: {"FUSED": True, "FAST_LOG": False})
+    spec = get_spec("entmax", "triton")
+    for cols, config in ((7, {"rows": 2}), (70, {"block_n": 64, "num_warps": 1})):
+        x = _input((3, cols), torch.float32, triton_device, seed=cols).requires_grad_()
+        grad = _input((3, cols), torch.float32, triton_device, seed=cols + 1, scale=1.0)
+        _check(entmax_triton(x, alpha, spec.validate(config)), x, grad, alpha)
+
+
+def test_launch_params_derive_from_config():
+    spec = get_spec("entmax", "triton")
+    lp = launch_params(spec.default(), 100)
+    assert (lp.block_n, lp.num_warps, lp.single) == (128, 4, True)
+    lp = launch_params(spec.validate({"block_n": 1024, "num_warps": 16}), 255)
+    assert (lp.block_n, lp.rows, lp.num_warps, lp.single) == (256, 1, 8, True)
+    lp = launch_params(spec.validate({"block_n": 64, "rows": 4, "num_warps": 4}), 255)
+    assert (lp.block_n, lp.rows, lp.num_warps, lp.single) == (64, 4, 4, False)
+    lp = launch_params(spec.default(), 8192)
+    assert (lp.block_n, lp.num_warps, lp.single, lp.niter) == (8192, 8, True, 10)
+    assert launch_params(spec.default(), 1).block_n == 16
+
+
+@pytest.mark.parametrize(
+    "backend,config,match",
+    [
+        ("triton", {"block_n": 100}, "block_n"),
+        ("triton", {"bogus": 1}, "bogus"),
+        ("triton", {"row_chunk": 256}, "row_chunk"),
+        ("triton", {"rows": 16, "block_n": 16384}, "rows"),
+        ("triton", {"niter": 0}, "niter"),
+        ("torch", {"block_n": 64}, "block_n"),
+        ("torch", {"row_chunk": 3}, "row_chunk"),
+    ],
+)
+def test_explicit_config_errors(backend, config, match, triton_device):
+    device = "cpu" if backend == "torch" else triton_device
+    x = _input((2, 5), torch.float32, device, seed=15)
+    with pytest.raises(ConfigError, match=match):
+        adasplash_tune.entmax(x, 1.5, backend=backend, config=config)
+
+
+def test_config_type_and_backend_mismatch(triton_device):
+    x = _input((2, 5), torch.float32, triton_device, seed=16)
+    with pytest.raises(TypeError, match="config"):
+        adasplash_tune.entmax(x, 1.5, backend="triton", config="fast")
+    with pytest.raises(ConfigError, match="entmax/triton"):
+        entmax_triton(x, 1.5, get_spec("entmax", "torch").default())
+    with pytest.raises(ConfigError, match="entmax/torch"):
+        entmax_torch(x.cpu(), 1.5, get_spec("entmax", "triton").default())
+    with pytest.raises(ValueError, match="2-D"):
+        entmax_triton(x.reshape(-1), 1.5, get_spec("entmax", "triton").default())
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("alpha", (1.25, 1.5, 2.0, 1.75))
+@pytest.mark.parametrize(
+    "shape,config",
+    [
+        ((512, 8192), None),
+        ((1000, 1000), {"block_n": 256, "rows": 2, "num_warps": 4}),
+        ((77, 3000), {"block_n": 1024, "num_warps": 8, "num_stages": 2}),
+        ((4096, 100), {"block_n": 128, "rows": 8, "num_warps": 4}),
+    ],
+)
+def test_gpu_larger_shapes(alpha, dtype, shape, config):
+    x = _input(shape, dtype, "cuda", seed=shape[1]).requires_grad_()
+    grad = _input(shape, dtype, "cuda", seed=shape[1] + 1, scale=1.0)
+    out = adasplash_tune.entmax(x, alpha, backend="triton", config=config)
+    _check(out, x, grad, alpha)
