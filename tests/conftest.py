@@ -8,9 +8,15 @@ must be set before any kernel module is imported, so it is set here, first. GPU 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Tests never read or write a developer's own tuned configs: a private user cache per session.
+os.environ["ADASPLASH_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="adasplash-tune-tests-"), "configs.sqlite")
+os.environ.pop("ADASPLASH_TUNE_RECORD", None)
+os.environ.pop("ADASPLASH_TUNE_MODE", None)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
