@@ -1,0 +1,312 @@
+"""``adasplash-tune tune``: tune problems on this machine and write the best configs to the cache.
+
+With no flags it tunes a small default problem set: on a GPU the Triton kernels at training
+sizes, on a CPU-only machine the torch backend at small sizes (a couple of minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+import click
+
+from . import CliError
+
+__all__ = ["register", "tune", "format_summary"]
+
+CACHE_HELP = "Cache path or SQLAlchemy URL (overrides ADASPLASH_TUNE_CACHE)."
+
+#: Default problem sets and trial budgets: (kernel, on a GPU?) -> settings.
+_DEFAULTS: dict[tuple[str, bool], dict[str, Any]] = {
+    ("adasplash", True): {"seq_len": (1024, 2048, 4096, 8192), "head_dim": (64, 128), "batch": 2,
+                          "heads": 16, "alpha": (1.5,), "dtype": "bfloat16", "trials": 60},
+    ("adasplash", False): {"seq_len": (128, 512), "head_dim": (64,), "batch": 1, "heads": 2,
+                           "alpha": (1.5,), "dtype": "float32", "trials": 12},
+    ("entmax", True): {"rows": (4096,), "cols": (1024, 4096, 16384), "alpha": (1.5,), "dtype": "bfloat16",
+                       "trials": 40},
+    ("entmax", False): {"rows": (256,), "cols": (128, 512), "alpha": (1.5,), "dtype": "float32", "trials": 12},
+}
+
+
+def register(main: click.Group) -> None:
+    main.add_command(tune)
+
+
+# --------------------------------------------------------------------------- option parsing
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        items = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
+    if not items or any(v < 1 for v in items):
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return items
+
+
+def _alpha_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        items = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
+    bad = [a for a in items if not 1.0 < a <= 2.0]
+    if not items or bad:
+        raise click.BadParameter(f"alpha must be in (1, 2], got {value!r}")
+    return items
+
+
+def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        gpus = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of GPU indices, got {value!r}") from None
+    if not gpus or any(g < 0 for g in gpus):
+        raise click.BadParameter(f"expected GPU indices >= 0, got {value!r}")
+    if len(set(gpus)) != len(gpus):
+        raise click.BadParameter(f"GPU indices repeat in {value!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise click.BadParameter("no CUDA/ROCm GPU on this machine")
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        raise click.BadParameter(f"GPU {missing[0]} does not exist (this machine has {count})")
+    return gpus
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def _resolve_backend(backend: str, has_gpu: bool) -> str:
+    import os
+
+    if backend == "auto":
+        return "triton" if has_gpu else "torch"
+    if backend == "triton" and not has_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CliError("--backend triton needs a GPU (or TRITON_INTERPRET=1 for the slow interpreter); "
+                       "use --backend torch on a CPU")
+    return backend
+
+
+def _build_problems(kernel: str, has_gpu: bool, opts: dict[str, Any]) -> list[Any]:
+    from ..tuner.problems import AttentionProblem, EntmaxProblem
+
+    defaults = _DEFAULTS[(kernel, has_gpu)]
+    dtype = opts["dtype"] or defaults["dtype"]
+    alphas = opts["alpha"] or defaults["alpha"]
+    if kernel == "entmax":
+        rows = opts["rows"] or defaults["rows"]
+        cols = opts["cols"] or defaults["cols"]
+        return [EntmaxProblem(rows=r, cols=c, alpha=a, dtype=dtype) for r in rows for c in cols for a in alphas]
+    heads = opts["heads"] or defaults["heads"]
+    kv_heads = opts["kv_heads"] or heads
+    if heads % kv_heads:
+        raise click.BadParameter(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
+    causal_mode = opts["causal_mode"] or "non-causal"
+    causals = {"causal": (True,), "non-causal": (False,), "both": (False, True)}[causal_mode]
+    try:
+        return [
+            AttentionProblem(batch=opts["batch"] or defaults["batch"], heads=heads, kv_heads=kv_heads,
+                             seq_len=n, head_dim=d, alpha=a, causal=c, dtype=dtype, varlen=opts["varlen"])
+            for n in (opts["seq_len"] or defaults["seq_len"])
+            for d in (opts["head_dim"] or defaults["head_dim"])
+            for a in alphas for c in causals
+        ]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _short_config(config: dict[str, Any] | None) -> str:
+    if not config:
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in sorted(config.items()))
+
+
+def format_summary(results: Sequence[Any]) -> str:
+    """The end-of-run table: problem, status, best config, time, default, speed-up, error, trials."""
+    from .cache_cmds import format_table
+
+    headers = ["problem", "status", "best config", "time ms", "default ms", "speed-up", "error", "trials"]
+    rows = []
+    for r in results:
+        speedup = r.speedup
+        rows.append([r.problem.label(), r.status, _short_config(r.config), _fmt(r.time_ms), _fmt(r.default_ms),
+                     "-" if speedup is None else f"{speedup:.2f}x", _fmt(r.error, ".2e"),
+                     f"{r.trials} ({r.failures} failed)" if r.failures else str(r.trials)])
+    return format_table(headers, rows)
+
+
+def _format_front(result: Any) -> str:
+    from .cache_cmds import format_table
+
+    rows = [[_short_config(p["config"]), _fmt(p["time_ms"]), _fmt(p["error"], ".2e"),
+             "yes" if p["ok"] else "no"] for p in result.front]
+    return format_table(["config", "time ms", "error", "within tolerance"], rows)
+
+
+class _Progress:
+    """One stderr line: problem i/n, trial j/k, best so far (rewritten in place on a terminal)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last: Any = None
+
+    def __call__(self, event: Any) -> None:
+        line = (f"[{event.problem_index}/{event.problems}] {event.label}  stage {event.stage}  "
+                f"trial {event.trial}/{event.trials}  best {_fmt(event.best_ms)} ms")
+        if self.tty:
+            import shutil
+
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            click.echo("\r" + line[:width].ljust(width), err=True, nl=False)
+        elif self.last is not None and self.last.problem_index != event.problem_index:
+            self._done(self.last)
+        self.last = event
+
+    def _done(self, event: Any) -> None:
+        click.echo(f"[{event.problem_index}/{event.problems}] {event.label}: {event.trial} trials, "
+                   f"best {_fmt(event.best_ms)} ms", err=True)
+
+    def close(self) -> None:
+        if self.tty and self.last is not None:
+            click.echo("", err=True)
+        elif self.last is not None:
+            self._done(self.last)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@click.command()
+@click.option("--kernel", type=click.Choice(["adasplash", "entmax"]), default="adasplash", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
+              help="auto: triton on a GPU, torch otherwise.")
+@click.option("--seq-len", callback=_int_list, help="Sequence lengths, comma list (adasplash).")
+@click.option("--head-dim", callback=_int_list, help="Head dims, comma list (adasplash).")
+@click.option("--batch", type=click.IntRange(min=1), help="Batch size (adasplash).")
+@click.option("--heads", type=click.IntRange(min=1), help="Query heads (adasplash).")
+@click.option("--kv-heads", type=click.IntRange(min=1), help="Key/value heads (default: --heads).")
+@click.option("--alpha", callback=_alpha_list, help="Alphas in (1, 2], comma list.")
+@click.option("--causal", "causal_mode", flag_value="causal", help="Causal attention only.")
+@click.option("--non-causal", "causal_mode", flag_value="non-causal", help="Non-causal only (default).")
+@click.option("--both", "causal_mode", flag_value="both", help="Causal and non-causal.")
+@click.option("--varlen", is_flag=True, help="Tune the variable-length (padded) variant (adasplash).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Input dtype (default: bfloat16 on a GPU, float32 on a CPU).")
+@click.option("--rows", callback=_int_list, help="Rows, comma list (entmax).")
+@click.option("--cols", callback=_int_list, help="Row lengths, comma list (entmax).")
+@click.option("--strategy", type=click.Choice(["tpe", "random", "grid", "cmaes", "nsga2"]), default="tpe",
+              show_default=True, help="Search strategy; nsga2 explores the time x error Pareto front of the "
+              "accuracy knobs.")
+@click.option("--trials", type=click.IntRange(min=1), help="Evaluated configs per problem, split over the stages "
+              "(default: 60 on a GPU, 12 on a CPU).")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), help="Seconds for the whole run.")
+@click.option("--cache", default=None, help=CACHE_HELP)
+@click.option("--from-record", type=click.Path(exists=True, dir_okay=False),
+              help="Tune the problems in an ADASPLASH_TUNE_RECORD file, most frequent first.")
+@click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list (timing uses the first for now).")
+@click.option("--storage", default=None, help="Optuna storage URL for the studies (default: studies.sqlite "
+              "beside the cache). Re-running the same command resumes from it.")
+@click.option("--seed", type=int, default=None, help="Seed for inputs and samplers (default: fresh).")
+@click.option("--backward/--forward-only", default=None,
+              help="Tune forward+backward time (default: when the kernel declares backward knobs).")
+@click.option("--compile-workers", type=click.IntRange(min=0), default=None,
+              help="Parallel compile processes (default: up to 8 for triton on a GPU, else 0).")
+@click.option("--trial-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds one trial may take before its worker is killed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
+         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, seed, backward,
+         compile_workers, trial_timeout, as_json) -> None:
+    """Tune problems on this machine and write the best configs to the cache."""
+    import os
+
+    import optuna
+    import torch
+
+    from ..cache.store import StoreError, open_store
+    from ..tuner.job import TuneJob, TuneOptions
+    from ..tuner.problems import dedupe, problems_from_record
+    from ..tuner.studies import default_storage_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    has_gpu = torch.cuda.is_available()
+    backend = _resolve_backend(backend, has_gpu)
+    device = f"cuda:{gpus[0] if gpus else 0}" if has_gpu else "cpu"
+    if gpus and len(gpus) > 1:
+        click.echo(f"note: evaluating on GPU {gpus[0]} only (one worker per GPU is not implemented yet)", err=True)
+    if from_record:
+        try:
+            recorded = problems_from_record(from_record, kernel)
+        except OSError as exc:
+            raise CliError(f"cannot read {from_record}: {exc}") from None
+        problems = [p for p, _ in recorded]
+        if not problems:
+            raise CliError(f"{from_record} holds no {kernel} problems")
+    else:
+        problems = _build_problems(kernel, has_gpu, {
+            "seq_len": seq_len, "head_dim": head_dim, "batch": batch, "heads": heads, "kv_heads": kv_heads,
+            "alpha": alpha, "causal_mode": causal_mode, "varlen": varlen, "dtype": dtype, "rows": rows,
+            "cols": cols,
+        })
+    problems = dedupe(problems, backend)
+    if compile_workers is None:
+        compile_workers = min(8, os.cpu_count() or 1) if (backend == "triton" and has_gpu) else 0
+    options = TuneOptions(
+        strategy=strategy, trials=trials or _DEFAULTS[(kernel, has_gpu)]["trials"], time_budget=time_budget,
+        seed=seed, backward=backward, storage=storage, cache=cache, device=device,
+        compile_workers=compile_workers, trial_timeout=trial_timeout,
+    )
+    try:
+        store = open_store(cache)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    progress = _Progress()
+    try:
+        with store:
+            job = TuneJob(problems, kernel=kernel, backend=backend, store=store, options=options, progress=progress)
+            results = job.run()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        progress.close()
+    _report(results, as_json, store.location, options.storage or default_storage_url(cache))
+    if not any(r.status == "tuned" for r in results):
+        raise CliError("no valid config found for any problem (see the failures with --debug)")
+
+
+def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) -> None:
+    if as_json:
+        click.echo(json.dumps([{
+            "problem": r.problem.to_dict(), "key": r.key, "status": r.status, "config": r.config,
+            "time_ms": r.time_ms, "spread_ms": r.spread_ms, "default_ms": r.default_ms, "speedup": r.speedup,
+            "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "failures": r.failures,
+            "objective": r.objective, "stored": r.stored, "front": r.front,
+        } for r in results], indent=2, default=str))
+        return
+    click.echo(format_summary(results))
+    for r in results:
+        if r.front:
+            click.echo(f"\nPareto front (time x error) for {r.problem.label()}:")
+            click.echo(_format_front(r))
+    stored = sum(r.stored for r in results)
+    objective = results[0].objective if results else "fwd"
+    click.echo(f"\ntimes are {objective} medians; {stored} entr{'y' if stored == 1 else 'ies'} written to {location}")
+    click.echo(f"trials are kept in {storage}: re-running the same command resumes them")

@@ -1,0 +1,390 @@
+"""A tuning job: problems x search space x budget -> the config cache.
+
+For each problem the space is built from the kernel's declaration (``tuner.space``) and searched
+stage by stage (tau/mask, then forward, then backward; one stage for the torch backend), each
+stage leaving only its own knobs free and holding the others at the best found so far. Every
+trial is checked against the fp64 oracle in a worker process and written to the study storage
+as soon as it finishes; the best valid config is upserted into the cache each time it improves.
+Re-running the same job resumes its studies instead of starting over.
+
+The objective is the measured time of what the job tunes: the forward pass, or forward +
+backward when the job tunes backward (by default: when the kernel declares backward knobs).
+The Pareto mode (strategy ``nsga2``) instead explores the accuracy knobs for the time x error
+front, with the launch knobs held at the cached (or default) config.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from ..kernels.registry import get_spec
+from .evaluate import Evaluator, TrialRequest, TrialResult
+from .problems import Problem
+from .search import Outcome, StageSearch, TraceRow
+from .space import SearchSpace, build_space, device_context, target_of
+from .strategies import DEFAULT_STRATEGY, get_strategy
+from .studies import default_storage_url, open_storage, study_name
+from .timing import TimingOptions
+
+__all__ = ["TuneOptions", "ProblemResult", "ProgressEvent", "TuneJob", "run_job", "stage_budgets"]
+
+log = logging.getLogger("adasplash_tune")
+
+TOOL = "adasplash-tune tune"
+
+
+@dataclass
+class TuneOptions:
+    """How a job searches. ``trials`` counts evaluated configs per problem (split over stages)."""
+
+    strategy: str = DEFAULT_STRATEGY
+    trials: int = 30
+    time_budget: float | None = None  # seconds for the whole job
+    seed: int | None = None  # None: a fresh seed per run
+    backward: bool | None = None  # None: tune backward when the space has a backward stage
+    storage: str | None = None  # Optuna storage URL; None: beside the user cache
+    cache: str | None = None  # the cache location (only used to place the default storage)
+    device: str = "cpu"
+    compile_workers: int = 0
+    threads: int | None = None  # torch threads in the timing worker (None: 1 on CPU)
+    trial_timeout: float = 300.0
+    timing: TimingOptions = field(default_factory=TimingOptions)
+    staged: bool = True  # False: every knob free in one stage
+    #: A config that moves an accuracy knob (iterations, init) off its default must reach this
+    #: fraction of the tolerance: headroom, since the gate sees one input and users see others.
+    accuracy_headroom: float = 0.5
+    restrict: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # bounded spaces
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"trials must be a positive int, got {self.trials!r}")
+        if not 0 < self.accuracy_headroom <= 1:
+            raise ValueError(f"accuracy headroom must be in (0, 1], got {self.accuracy_headroom!r}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time budget must be positive seconds, got {self.time_budget!r}")
+        get_strategy(self.strategy)  # unknown names fail here, before any work
+
+
+@dataclass
+class ProgressEvent:
+    problem_index: int  # 1-based
+    problems: int
+    label: str
+    stage: str
+    trial: int  # counted trials of this problem so far
+    trials: int  # the problem's budget
+    best_ms: float | None
+    status: str
+
+
+@dataclass
+class ProblemResult:
+    """The outcome for one problem (what the summary table shows)."""
+
+    problem: Problem
+    key: dict[str, Any]
+    status: str  # "tuned", "no-valid-config", "skipped"
+    config: dict[str, Any] | None = None
+    time_ms: float | None = None
+    spread_ms: float | None = None
+    default_ms: float | None = None
+    error: float | None = None
+    grad_error: float | None = None
+    trials: int = 0
+    failures: int = 0
+    stored: bool = False
+    objective: str = "fwd"
+    front: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[TraceRow] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        if self.time_ms and self.default_ms:
+            return self.default_ms / self.time_ms
+        return None
+
+
+def stage_budgets(total: int, stages: int) -> list[int]:
+    """``total`` trials split evenly over ``stages`` (earlier stages take the remainder; >= 1 each)."""
+    base, rest = divmod(total, stages)
+    return [max(1, base + (1 if i < rest else 0)) for i in range(stages)]
+
+
+def _outcome(result: TrialResult) -> Outcome:
+    attrs = {k: v for k, v in result.to_dict().items() if k not in ("status",)}
+    attrs["spread_ms"] = result.spread_ms
+    return Outcome(ok=result.ok, objective=result.time_ms, error=result.error, status=result.status,
+                   attrs=attrs)
+
+
+class TuneJob:
+    """Tune ``problems`` of ``kernel`` on ``backend`` and write the winners to ``store``."""
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        *,
+        kernel: str,
+        backend: str,
+        store: Any,
+        options: TuneOptions | None = None,
+        evaluator: Evaluator | None = None,
+        fingerprint: Any = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> None:
+        self.problems = list(problems)
+        for problem in self.problems:
+            if problem.kernel != kernel:
+                raise ValueError(f"problem {problem.label()} is for {problem.kernel}, not {kernel}")
+        self.kernel, self.backend = kernel, backend
+        self.spec = get_spec(kernel, backend)
+        self.store = store
+        self.options = options or TuneOptions()
+        self.progress = progress
+        if fingerprint is None:
+            from ..device import fingerprint as device_fingerprint
+
+            fingerprint = device_fingerprint(self.options.device)
+        self.fingerprint = fingerprint.as_dict() if hasattr(fingerprint, "as_dict") else dict(fingerprint)
+        self.target = target_of(backend, self.fingerprint)
+        self.kernel_hash = self.spec.source_hash()
+        self._own_evaluator = evaluator is None
+        self.evaluator = evaluator
+        self.seed = self.options.seed if self.options.seed is not None else random.randrange(1, 2**31)
+        self.strategy_cls = get_strategy(self.options.strategy)
+
+    # ------------------------------------------------------------------ setup
+
+    def space_for(self, problem: Problem) -> SearchSpace:
+        context = {**problem.context(), **device_context(self.fingerprint)}
+        space = build_space(self.kernel, self.backend, target=self.target, context=context)
+        return space.restrict(self.options.restrict) if self.options.restrict else space
+
+    def _backward(self, space: SearchSpace) -> bool:
+        if self.options.backward is not None:
+            return self.options.backward
+        return "bwd" in space.stages
+
+    def _plan(self, space: SearchSpace) -> list[tuple[str, tuple[str, ...]]]:
+        """(stage name, free knobs) in order."""
+        if self.strategy_cls.multi_objective:
+            free = space.free_names(space.accuracy_names)
+            if not free:
+                raise ValueError(f"{self.kernel} ({self.backend}) declares no accuracy knobs to explore")
+            return [("pareto", free)]
+        if not self.options.staged:
+            return [("all", space.free_names(space.names))]
+        plan = [(stage, space.free_names(space.stage_names(stage))) for stage in space.stages]
+        return [(stage, free) for stage, free in plan if free]
+
+    def _start_values(self, space: SearchSpace, key: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults; in Pareto mode the launch knobs come from the cached entry when there is one."""
+        values = space.default_values()
+        if self.strategy_cls.multi_objective:
+            entry = self.store.get_exact(self.fingerprint["device_id"], self.kernel, self.backend,
+                                         self.kernel_hash, dict(key))
+            if entry is not None and not entry.failed_verify:
+                values = space.canonical(entry.config)
+        return values
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> list[ProblemResult]:
+        import optuna
+
+        storage = open_storage(self.options.storage or default_storage_url(self.options.cache))
+        if self.evaluator is None:
+            threads = self.options.threads
+            if threads is None and not str(self.options.device).startswith("cuda"):
+                threads = 1  # one thread times small CPU problems far more steadily
+            self.evaluator = Evaluator(self.options.device, trial_timeout=self.options.trial_timeout,
+                                       compile_workers=self.options.compile_workers, threads=threads)
+        deadline = None if self.options.time_budget is None else time.monotonic() + self.options.time_budget
+        results: list[ProblemResult] = []
+        try:
+            for index, problem in enumerate(self.problems):
+                if deadline is not None and time.monotonic() >= deadline:
+                    results.append(ProblemResult(problem, problem.key(self.backend), "skipped"))
+                    continue
+                share = None
+                if deadline is not None:
+                    share = time.monotonic() + (deadline - time.monotonic()) / (len(self.problems) - index)
+                results.append(self._tune(problem, index, storage, share, optuna))
+        finally:
+            if self._own_evaluator and self.evaluator is not None:
+                self.evaluator.close()
+                self.evaluator = None
+        return results
+
+    def _tune(self, problem: Problem, index: int, storage: Any, deadline: float | None, optuna: Any) -> ProblemResult:
+        t0 = time.monotonic()
+        key = problem.key(self.backend)
+        space = self.space_for(problem)
+        backward = self._backward(space)
+        objective = "fwd+bwd" if backward else "fwd"
+        result = ProblemResult(problem, key, "no-valid-config", objective=objective)
+        best_values = self._start_values(space, key)
+        default_values = space.default_values()
+        plan = self._plan(space)
+        budgets = stage_budgets(self.options.trials, len(plan)) if plan else []
+        best: tuple[dict[str, Any], Outcome] | None = None
+        counted_before = 0
+        log.info("tuning %s (%s): %s", problem.label(), objective, space.describe().splitlines()[0])
+
+        def evaluate(values: Mapping[str, Any]) -> Outcome:
+            return _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+
+        def prepare(batch: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
+            reqs = [self._request(problem, space, v, backward) for v in batch]
+            compiled = self.evaluator.compile(reqs)
+            return [None if r.ok else _outcome(r) for r in compiled]
+
+        carry = 0  # trials a stage left unused because its space ran out go to the next stage
+        for stage_index, ((stage, free), budget) in enumerate(zip(plan, budgets)):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            budget += carry
+            stage_deadline = None
+            if deadline is not None:
+                stage_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(plan) - stage_index)
+            fixed = {n: v for n, v in best_values.items() if n not in free}
+            name = study_name(device_id=self.fingerprint["device_id"], kernel=self.kernel, backend=self.backend,
+                              kernel_hash=self.kernel_hash, key=key, stage=stage, fixed=fixed,
+                              objective=objective + ("|pareto" if self.strategy_cls.multi_objective else ""))
+            strategy = self.strategy_cls(space, free, best_values, seed=self.seed + stage_index, budget=budget)
+            directions = ["minimize", "minimize"] if strategy.multi_objective else ["minimize"]
+            study = optuna.create_study(storage=storage, study_name=name, sampler=strategy.sampler(),
+                                        directions=directions, load_if_exists=True)
+
+            def on_trial(values: Mapping[str, Any], outcome: Outcome, row: TraceRow,
+                         stage: str = stage, base: int = counted_before) -> None:
+                nonlocal best
+                if not outcome.ok:
+                    self._record_failure(key, space, values, outcome)
+                elif outcome.objective is not None and (best is None or outcome.objective < best[1].objective):
+                    best = (dict(values), outcome)
+                    result.stored = self._upsert(problem, space, best, base + row.index) or result.stored
+                result.trace.append(TraceRow(base + row.index, time.monotonic() - t0, row.objective, row.ok,
+                                             best[1].objective if best else None, row.status))
+                if self.progress is not None:
+                    self.progress(ProgressEvent(index + 1, len(self.problems), problem.label(), stage,
+                                                base + row.index, sum(budgets), best[1].objective if best else None,
+                                                outcome.status))
+
+            search = StageSearch(
+                study, strategy, space, budget=budget, evaluate=evaluate, deadline=stage_deadline,
+                prepare=prepare if self.evaluator.compile_workers > 0 else None,
+                batch=max(1, self.evaluator.compile_workers), start=best_values, on_trial=on_trial,
+            )
+            stage_result = search.run()
+            counted_before += stage_result.counted
+            carry = budget - stage_result.counted if stage_result.exhausted else 0
+            result.failures += stage_result.failures
+            if stage_result.best is not None and (best is None or stage_result.best.objective < best[1].objective):
+                best = (stage_result.best_values, stage_result.best)  # found in an earlier run
+                result.stored = self._upsert(problem, space, best, counted_before) or result.stored
+            if best is not None:
+                best_values = dict(best[0])
+            default = search.outcome_of(default_values)
+            if default is not None and default.ok and result.default_ms is None:
+                result.default_ms = default.objective
+            if stage_result.front:
+                result.front = [self._front_row(v, o, space) for v, o in stage_result.front]
+
+        if result.default_ms is None and plan and not space.is_valid(default_values):
+            result.default_ms = self._baseline(problem, space, backward)
+        result.trials = counted_before
+        result.wall_s = time.monotonic() - t0
+        if best is not None:
+            values, outcome = best
+            result.status = "tuned"
+            result.config = space.split(values)[0]
+            result.time_ms = outcome.objective
+            result.spread_ms = outcome.attrs.get("spread_ms")
+            result.error = outcome.error
+            result.grad_error = outcome.attrs.get("grad_error")
+        elif not plan:
+            result.status = "tuned" if self._fixed_point(problem, space, backward, result) else "no-valid-config"
+        return result
+
+    def _baseline(self, problem: Problem, space: SearchSpace, backward: bool) -> float | None:
+        """Time of the declared default when it is not a point of the pruned space (e.g. a tile
+        wider than the problem, which the kernel clamps): measured once, for the speed-up only."""
+        values = space.default_values()
+        outcome = _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+        return outcome.objective if outcome.ok else None
+
+    def _fixed_point(self, problem: Problem, space: SearchSpace, backward: bool, result: ProblemResult) -> bool:
+        """A space with no free knob: measure its single config once."""
+        values = space.default_values()
+        outcome = _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+        result.trials = 1
+        if not outcome.ok:
+            return False
+        result.config = space.split(values)[0]
+        result.time_ms = result.default_ms = outcome.objective
+        result.error = outcome.error
+        result.stored = self._upsert(problem, space, (values, outcome), 1)
+        return True
+
+    # ------------------------------------------------------------------ pieces
+
+    def _request(self, problem: Problem, space: SearchSpace, values: Mapping[str, Any], backward: bool) -> TrialRequest:
+        config, extras = space.split(values)
+        defaults = space.default_values()
+        lowered = any(values[n] != defaults[n] for n in space.accuracy_names)
+        return TrialRequest(problem=problem, backend=self.backend, config=config, extras=extras,
+                            backward=backward, seed=self.seed,
+                            time_if_inaccurate=self.strategy_cls.multi_objective, timing=self.options.timing,
+                            gate=self.options.accuracy_headroom if lowered else 1.0)
+
+    def _front_row(self, values: Mapping[str, Any], outcome: Outcome, space: SearchSpace) -> dict[str, Any]:
+        return {"config": space.split(values)[0], "time_ms": outcome.objective, "error": outcome.error,
+                "ok": outcome.ok}
+
+    def _upsert(self, problem: Problem, space: SearchSpace, best: tuple[dict[str, Any], Outcome],
+                trials: int) -> bool:
+        from ..cache.store import Entry
+
+        values, outcome = best
+        key = problem.key(self.backend)
+        config, extras = space.split(values)
+        provenance = {"tool": TOOL, "objective": "fwd+bwd" if outcome.attrs.get("bwd_ms") is not None else "fwd",
+                      "fwd_ms": outcome.attrs.get("fwd_ms"), "bwd_ms": outcome.attrs.get("bwd_ms"),
+                      "grad_error": outcome.attrs.get("grad_error"), "target": space.target,
+                      "backward": outcome.attrs.get("bwd_ms") is not None, "problem": problem.to_dict(),
+                      "seed": self.seed}
+        if extras:
+            provenance["launch_extras"] = extras
+        entry = Entry(kernel=self.kernel, backend=self.backend, device=dict(self.fingerprint),
+                      kernel_hash=self.kernel_hash, key=dict(key), config=config, time_ms=outcome.objective,
+                      spread_ms=outcome.attrs.get("spread_ms"), error=outcome.error, trials=int(trials),
+                      strategy=self.options.strategy, provenance=provenance)
+        try:
+            stored = bool(self.store.upsert_best(entry))
+        except ValueError as exc:  # an entry the cache rejects is a bug worth a loud log line
+            log.warning("cache rejected the tuned entry for %s: %s", dict(key), exc)
+            return False
+        if stored:
+            log.info("stored %s for %s (%.4g ms)", config, dict(key), outcome.objective)
+        return stored
+
+    def _record_failure(self, key: Mapping[str, Any], space: SearchSpace, values: Mapping[str, Any],
+                        outcome: Outcome) -> None:
+        config, _ = space.split(values)
+        try:
+            self.store.record_failure(dict(self.fingerprint), self.kernel, self.backend, self.kernel_hash,
+                                      dict(key), config, outcome.status, str(outcome.attrs.get("detail", "")))
+        except ValueError as exc:
+            log.warning("could not record failure %s for %s: %s", outcome.status, config, exc)
+
+
+def run_job(problems: Sequence[Problem], *, kernel: str, backend: str, store: Any,
+            options: TuneOptions | None = None, **kwargs: Any) -> list[ProblemResult]:
+    """Convenience wrapper: ``TuneJob(...).run()``."""
+    return TuneJob(problems, kernel=kernel, backend=backend, store=store, options=options, **kwargs).run()

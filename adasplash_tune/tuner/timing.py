@@ -1,0 +1,112 @@
+"""Timing one callable: warm-up, then many reps; median and spread.
+
+CUDA: events around each rep, with the L2 cache flushed (a buffer twice its size is rewritten)
+before every rep, so no rep reads what the previous one left in cache. CPU: ``perf_counter``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["TimingOptions", "Timing", "measure"]
+
+_DEFAULT_L2_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """How long to warm up and measure (milliseconds of device time), and the rep bounds."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_reps: int = 5
+    max_reps: int = 500
+
+    def to_dict(self) -> dict[str, float]:
+        return {"warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms, "min_reps": self.min_reps,
+                "max_reps": self.max_reps}
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    spread_ms: float  # interquartile range of the reps
+    reps: int
+
+
+def _summary(times: list[float]) -> Timing:
+    times = sorted(times)
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+        spread = q3 - q1
+    else:
+        spread = times[-1] - times[0]
+    return Timing(statistics.median(times), spread, len(times))
+
+
+def _reps(estimate_ms: float, budget_ms: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, budget_ms / max(estimate_ms, 1e-3))))
+
+
+def _measure_cpu(fn: Callable[[], object], opts: TimingOptions) -> Timing:
+    # warm up for warmup_ms of wall time (at least two calls: the first one is often cold)
+    begin = time.perf_counter()
+    estimate, calls = 0.0, 0
+    while calls < opts.max_reps and (calls < 2 or (time.perf_counter() - begin) * 1e3 < opts.warmup_ms):
+        start = time.perf_counter()
+        fn()
+        estimate = (time.perf_counter() - start) * 1e3
+        calls += 1
+    times = []
+    for _ in range(_reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return _summary(times)
+
+
+def _l2_bytes(device) -> int:
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 0) or _DEFAULT_L2_BYTES)
+
+
+def _measure_cuda(fn: Callable[[], object], device, opts: TimingOptions) -> Timing:
+    import torch
+
+    flush = torch.empty(2 * _l2_bytes(device) // 4, dtype=torch.int32, device=device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = begin.elapsed_time(end) / 3
+    for _ in range(_reps(estimate, opts.warmup_ms, 1, opts.max_reps)):
+        fn()
+    n = _reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def measure(fn: Callable[[], object], device: str = "cpu", options: TimingOptions | None = None) -> Timing:
+    """Median and spread (ms) of ``fn()`` on ``device`` ('cpu' or a CUDA device string)."""
+    opts = options or TimingOptions()
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return _measure_cuda(fn, dev, opts)
+    return _measure_cpu(fn, opts)

@@ -1,0 +1,267 @@
+"""The inside of an evaluation worker process: run one trial request, return plain data.
+
+A trial: validate the config, make fresh random inputs (cached per problem and seed), run the
+op once (this is where Triton compiles), check the output (and gradients when tuning backward)
+against the fp64 oracle, then time it. Exceptions become a typed status; a CUDA error that
+leaves the context unusable marks the result ``poisoned`` and the process exits after replying,
+so the parent starts a fresh one.
+
+Fault injection (tests, and GPU fault drills): the request's ``fault`` (by default the
+``ADASPLASH_TUNE_FAULT`` environment variable of the parent) is ``ACTION:field=value[,field=value]``
+with several rules joined by ``;``. A trial whose config has all those values triggers ACTION:
+``raise`` (runtime error), ``compile`` (a compile error), ``illegal`` (on a GPU a real
+device-side fault that poisons the CUDA context; on a CPU its error message), ``exit`` (the
+process dies), ``hang`` (the process sleeps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+__all__ = ["run_trial", "worker_main", "classify", "parse_faults", "matching_fault", "FAULT_ENV"]
+
+log = logging.getLogger("adasplash_tune")
+
+FAULT_ENV = "ADASPLASH_TUNE_FAULT"
+FAULT_ACTIONS = ("raise", "compile", "illegal", "exit", "hang")
+
+_POISON_MARKERS = (
+    "illegal memory access", "illegal address", "device-side assert", "unspecified launch failure",
+    "illegal instruction", "misaligned address", "cuda error", "hip error", "hiperror",
+    "an illegal", "context is destroyed",
+)
+_COMPILE_TYPES = ("CompilationError", "CompileTimeAssertionFailure", "OutOfResources", "PTXASError")
+
+
+class InjectedCompileError(Exception):
+    """Raised by the ``compile`` fault action; classified like a Triton compile error."""
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def parse_faults(text: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """``"exit:niter=3;hang:q_chunk=64"`` -> [("exit", {"niter": 3}), ("hang", {"q_chunk": 64})]."""
+    rules: list[tuple[str, dict[str, Any]]] = []
+    for part in (text or "").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        action, _, fields = part.partition(":")
+        action = action.strip()
+        if action not in FAULT_ACTIONS:
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r}; choose one of {list(FAULT_ACTIONS)}")
+        match: dict[str, Any] = {}
+        for item in filter(None, (f.strip() for f in fields.split(","))):
+            name, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"{FAULT_ENV}: expected field=value, got {item!r}")
+            try:
+                match[name.strip()] = json.loads(raw)
+            except ValueError:
+                match[name.strip()] = raw.strip()
+        rules.append((action, match))
+    return rules
+
+
+def matching_fault(text: str | None, config: Mapping[str, Any]) -> str | None:
+    """The action of the first fault rule that ``config`` matches, or None."""
+    for action, match in parse_faults(text):
+        if all(name in config and config[name] == value for name, value in match.items()):
+            return action
+    return None
+
+
+def _inject(action: str, device: str) -> None:
+    if action == "raise":
+        raise RuntimeError("injected fault: runtime error")
+    if action == "compile":
+        raise InjectedCompileError("injected fault: compile error")
+    if action == "illegal":
+        if str(device).startswith("cuda"):
+            _poison_cuda_context(device)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected fault)")
+    if action == "exit":
+        os._exit(17)
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+
+
+def _poison_cuda_context(device: str) -> None:
+    """A real device-side fault: an out-of-range gather trips a device assert, after which the
+    CUDA context is unusable (exactly what a kernel with an illegal address does)."""
+    import torch
+
+    data = torch.zeros(4, device=device)
+    index = torch.full((1,), 1 << 20, dtype=torch.long, device=device)
+    data[index] = 1.0
+    torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classify(exc: BaseException) -> tuple[str, bool]:
+    """(status, poisoned) of an exception raised by a trial."""
+    from ..kernels.spec import ConfigError
+
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    module = type(exc).__module__ or ""
+    message = str(exc).lower()
+    if isinstance(exc, InjectedCompileError) or names & set(_COMPILE_TYPES) or module.startswith("triton.compiler"):
+        return "compile", False
+    if isinstance(exc, (ConfigError, ValueError, TypeError)):
+        return "invalid", False
+    if "OutOfMemoryError" in names or "out of memory" in message:
+        return "runtime", False
+    if any(marker in message for marker in _POISON_MARKERS):
+        return "runtime", True
+    return "runtime", False
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def _result(status: str, detail: str = "", **values: Any) -> dict[str, Any]:
+    out = {"status": status, "detail": detail, "fwd_ms": None, "fwd_spread_ms": None, "bwd_ms": None,
+           "bwd_spread_ms": None, "error": None, "grad_error": None, "poisoned": False, "reps": 0}
+    out.update(values)
+    return out
+
+
+def _problem_state(req: Mapping[str, Any], state: dict[str, Any], problem) -> dict[str, Any]:
+    """Inputs and oracle for the request's problem, built once per (problem, seed, device, mode)."""
+    ident = json.dumps([req["problem"], req["seed"], req["device"], req["backward"]], sort_keys=True)
+    if state.get("ident") != ident:
+        state.clear()
+        inputs = problem.make_inputs(req["device"], int(req["seed"]), requires_grad=bool(req["backward"]))
+        state.update(ident=ident, inputs=inputs, reference=None)
+    if state["reference"] is None and not req.get("compile_only"):
+        state["reference"] = problem.reference(state["inputs"], with_grad=bool(req["backward"]))
+    return state
+
+
+def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ..kernels.reference import relative_error, tolerance
+    from ..kernels.registry import get_spec
+    from .problems import problem_from_dict
+    from .timing import TimingOptions, measure
+
+    problem = problem_from_dict(req["problem"])
+    backend = req["backend"]
+    config = get_spec(problem.kernel, backend).validate(req["config"]).as_dict()
+    action = matching_fault(req.get("fault"), {**config, **req.get("extras", {})})
+    if action is not None:
+        _inject(action, req["device"])
+    ps = _problem_state(req, state, problem)
+    inputs, backward = ps["inputs"], bool(req["backward"])
+    leaves = problem.grad_inputs(inputs)
+
+    def forward():
+        with torch.no_grad():
+            return problem.run(inputs, backend, config)
+
+    def forward_graph():
+        with torch.enable_grad():
+            return problem.run(inputs, backend, config)
+
+    out = forward_graph() if backward else forward()
+    grads = torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True) if backward else None
+    if req.get("compile_only"):
+        return _result("ok", "compiled")
+
+    ref_out, ref_grads = ps["reference"]
+    dtype = out.dtype
+    error = relative_error(out, ref_out)
+    grad_error = max(relative_error(g, r) for g, r in zip(grads, ref_grads)) if backward else None
+    scale = float(req.get("gate", 1.0))
+    fwd_tol, grad_tol = scale * tolerance(dtype), scale * tolerance(dtype, grad=True)
+    fwd_ok = error <= fwd_tol
+    grad_ok = grad_error is None or grad_error <= grad_tol
+    gate = fwd_ok and grad_ok
+    values: dict[str, Any] = {"error": error, "grad_error": grad_error}
+    detail = ""
+    if not gate:
+        detail = (f"relative error {error:.3g} (gate {fwd_tol:.2g})" if not fwd_ok else
+                  f"gradient relative error {grad_error:.3g} (gate {grad_tol:.2g})")
+        if not req.get("time_if_inaccurate"):
+            return _result("accuracy", detail, **values)
+
+    options = TimingOptions(**req.get("timing", {}))
+    fwd_fn = forward_graph if backward else forward
+    timing = measure(fwd_fn, req["device"], options)
+    values.update(fwd_ms=timing.median_ms, fwd_spread_ms=timing.spread_ms, reps=timing.reps)
+    if backward:
+        out = forward_graph()
+        bwd = measure(lambda: torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True),
+                      req["device"], options)
+        values.update(bwd_ms=bwd.median_ms, bwd_spread_ms=bwd.spread_ms)
+    return _result("ok" if gate else "accuracy", detail, **values)
+
+
+def run_trial(req: Mapping[str, Any], state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one trial request; never raises (failures come back as a typed status)."""
+    state = {} if state is None else state
+    start = time.perf_counter()
+    try:
+        result = _run(req, state)
+    except Exception as exc:  # every failure of a trial is data for the tuner
+        status, poisoned = classify(exc)
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        result = _result(status, detail[:500], poisoned=poisoned)
+        if status == "runtime" and not poisoned:
+            state.clear()  # inputs may be in a bad state after an OOM; rebuild next time
+            _empty_cache(req.get("device", "cpu"))
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def _empty_cache(device: str) -> None:
+    try:
+        import torch
+
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    except Exception:  # best effort only
+        pass
+
+
+# --------------------------------------------------------------------------- process entry
+
+
+def worker_main(conn, device: str, threads: int | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Loop of a worker process: receive a request dict, reply with a result dict; None ends it.
+
+    ``env`` is the parent's environment when the worker was made (a worker forked from a fork
+    server would otherwise see the server's older one).
+    """
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    conn.send({"ready": True, "pid": os.getpid()})
+    state: dict[str, Any] = {}
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        result = run_trial(req, state)
+        conn.send(result)
+        if result.get("poisoned"):
+            conn.close()
+            os._exit(3)  # the CUDA context is unusable: let the parent start a fresh worker

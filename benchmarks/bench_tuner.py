@@ -1,0 +1,203 @@
+"""Tuner quality study: exhaustive search over a bounded space vs random vs TPE.
+
+For three attention problems the same staged search runs with each strategy on a bounded copy of
+the kernel's space (every knob cut to a few choices around its default, accuracy knobs held at
+their defaults, at most ``--limit`` points per stage). Reported per run: best time reached
+against trials spent (the curve), wall time and trials per minute; and trials per minute of a
+random search with and without parallel compile workers (each with an empty Triton cache, so
+every config really compiles).
+
+    python benchmarks/bench_tuner.py                 # GPU: Triton kernels (the H200 study)
+    python benchmarks/bench_tuner.py --cpu-smoke     # CPU: torch backend, tiny problems
+
+Writes ``benchmarks/results/tuner-<device>.json`` and a PNG of the curves (when matplotlib is
+importable; otherwise the PNG is skipped with a log line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench_tuner")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _problems(smoke: bool) -> list[Any]:
+    from adasplash_tune.tuner.problems import AttentionProblem
+
+    if smoke:
+        return [AttentionProblem(1, 2, 2, 96, 32, 1.5, False, "float32"),
+                AttentionProblem(1, 2, 1, 160, 32, 1.5, True, "float32"),
+                AttentionProblem(1, 1, 1, 256, 16, 2.0, False, "float32")]
+    return [AttentionProblem(2, 16, 16, 4096, 64, 1.5, False, "bfloat16"),
+            AttentionProblem(2, 16, 16, 8192, 128, 1.5, True, "bfloat16"),
+            AttentionProblem(4, 32, 8, 2048, 64, 1.5, True, "bfloat16")]
+
+
+def bounded_choices(space: Any, limit: int) -> dict[str, tuple]:
+    """Each knob cut to <= 3 choices around its default (accuracy knobs: the default only), then
+    the widest knobs cut further until every stage has at most ``limit`` points."""
+    keep: dict[str, tuple] = {}
+    defaults = space.default_values()
+    for dim in space.dims:
+        if dim.accuracy:
+            keep[dim.name] = (defaults[dim.name],)
+            continue
+        i = dim.choices.index(defaults[dim.name])
+        lo = max(0, min(i - 1, len(dim.choices) - 3))
+        keep[dim.name] = dim.choices[lo:lo + 3]
+    for stage in space.stages:
+        names = space.stage_names(stage)
+        while math.prod(len(keep[n]) for n in names) > limit:
+            widest = max(names, key=lambda n: len(keep[n]))
+            if len(keep[widest]) == 1:
+                break
+            d = defaults[widest]
+            # drop the choice farthest from the default
+            far = max(keep[widest], key=lambda c: abs(keep[widest].index(c) - keep[widest].index(d))
+                      if d in keep[widest] else 0)
+            keep[widest] = tuple(c for c in keep[widest] if c != far)
+    return keep
+
+
+def _run(problem: Any, backend: str, device: str, strategy: str, trials: int, restrict: dict, *,
+         compile_workers: int, seed: int, fresh_triton_cache: bool) -> dict[str, Any]:
+    from adasplash_tune.cache.store import open_store
+    from adasplash_tune.tuner.job import TuneJob, TuneOptions
+    from adasplash_tune.tuner.timing import TimingOptions
+
+    with tempfile.TemporaryDirectory(prefix="bench-tuner-") as tmp:
+        old_cache = os.environ.get("TRITON_CACHE_DIR")
+        if fresh_triton_cache:
+            os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
+        try:
+            timing = TimingOptions(warmup_ms=25.0, rep_ms=100.0) if device.startswith("cuda") else \
+                TimingOptions(warmup_ms=5.0, rep_ms=30.0, min_reps=5, max_reps=100)
+            options = TuneOptions(strategy=strategy, trials=trials, seed=seed, device=device,
+                                  storage=f"sqlite:///{tmp}/studies.sqlite", compile_workers=compile_workers,
+                                  restrict=restrict, timing=timing)
+            with open_store(str(Path(tmp) / "cache.sqlite")) as store:
+                start = time.monotonic()
+                [result] = TuneJob([problem], kernel="adasplash", backend=backend, store=store,
+                                   options=options).run()
+                wall = time.monotonic() - start
+        finally:
+            if fresh_triton_cache:
+                if old_cache is None:
+                    os.environ.pop("TRITON_CACHE_DIR", None)
+                else:
+                    os.environ["TRITON_CACHE_DIR"] = old_cache
+    return {
+        "problem": problem.label(), "strategy": strategy, "compile_workers": compile_workers,
+        "trials": result.trials, "failures": result.failures, "wall_s": wall,
+        "trials_per_min": 60.0 * result.trials / wall if wall > 0 else None,
+        "best_ms": result.time_ms, "default_ms": result.default_ms, "config": result.config,
+        "curve": [[row.index, row.best] for row in result.trace],
+    }
+
+
+def _plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not importable; skipping the plot %s", path)
+        return False
+    labels = [p["label"] for p in report["problems"]]
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        for run in report["quality"]:
+            if run["problem"] != label or not run["curve"]:
+                continue
+            xs = [c[0] for c in run["curve"] if c[1] is not None]
+            ys = [c[1] for c in run["curve"] if c[1] is not None]
+            ax.step(xs, ys, where="post", label=f"{run['strategy']} ({run['trials']} trials)")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("trials")
+        ax.set_ylabel(f"best {report['objective']} time (ms)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="torch backend on the CPU, tiny problems")
+    parser.add_argument("--limit", type=int, default=None, help="max points per stage of the bounded space")
+    parser.add_argument("--fraction", type=float, default=0.5,
+                        help="random/TPE budget as a fraction of the exhaustive trial count")
+    parser.add_argument("--throughput-trials", type=int, default=None, help="trials of the compile-throughput runs")
+    parser.add_argument("--compile-workers", type=int, default=None, help="parallel compile processes (GPU)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("adasplash_tune").setLevel(logging.WARNING)
+    import optuna
+    import torch
+
+    from adasplash_tune.device import fingerprint
+    from adasplash_tune.tuner.space import build_space, device_context, target_of
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    smoke = args.cpu_smoke or not torch.cuda.is_available()
+    if smoke and not args.cpu_smoke:
+        log.warning("no GPU: running the CPU smoke version")
+    backend, device = ("torch", "cpu") if smoke else ("triton", "cuda:0")
+    limit = args.limit or (8 if smoke else 48)
+    workers = args.compile_workers if args.compile_workers is not None else (2 if smoke else min(8, os.cpu_count() or 1))
+    fp = fingerprint(device)
+    report: dict[str, Any] = {"device": fp.as_dict(), "backend": backend, "limit": limit, "problems": [],
+                              "quality": [], "throughput": [], "objective": None}
+    for problem in _problems(smoke):
+        space = build_space("adasplash", backend, target=target_of(backend, fp),
+                            context={**problem.context(), **device_context(fp)})
+        restrict = bounded_choices(space, limit)
+        bounded = space.restrict(restrict)
+        exhaustive = sum(len(list(bounded.iter_valid(bounded.free_names(bounded.stage_names(s)),
+                                                     bounded.default_values()))) for s in bounded.stages)
+        budget = max(2, int(round(args.fraction * exhaustive)))
+        report["problems"].append({"label": problem.label(), "problem": problem.to_dict(),
+                                   "bounded": {k: list(v) for k, v in restrict.items()},
+                                   "exhaustive_trials": exhaustive})
+        for strategy, trials in (("grid", exhaustive), ("random", budget), ("tpe", budget)):
+            log.info("%s: %s, %d trials", problem.label(), strategy, trials)
+            run = _run(problem, backend, device, strategy, trials, restrict, compile_workers=0,
+                       seed=args.seed, fresh_triton_cache=False)
+            report["quality"].append(run)
+            report["objective"] = "fwd+bwd" if "bwd" in space.stages else "fwd"
+            log.info("  best %.4g ms after %d trials, %.1f trials/min", run["best_ms"] or float("nan"),
+                     run["trials"], run["trials_per_min"] or 0.0)
+        n = args.throughput_trials or min(exhaustive, 8 if smoke else 24)
+        for cw in (0, workers):
+            run = _run(problem, backend, device, "random", n, restrict, compile_workers=cw, seed=args.seed + 1,
+                       fresh_triton_cache=True)
+            report["throughput"].append(run)
+            log.info("%s: %d compile workers: %.1f trials/min", problem.label(), cw, run["trials_per_min"] or 0.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", fp.name.lower()).strip("-") + ("-cpu-smoke" if smoke else "")
+    json_path = args.out / f"tuner-{slug}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log.info("wrote %s", json_path)
+    if _plot(report, args.out / f"tuner-{slug}.png"):
+        log.info("wrote %s", args.out / f"tuner-{slug}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``adasplash-tune tune`` end to end on the torch backend (real CPU timings, real cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import adasplash_tune
+from adasplash_tune.cache import locations
+from adasplash_tune.cache.store import open_store
+from adasplash_tune.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "cache.sqlite"))
+    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
+    monkeypatch.delenv("ADASPLASH_TUNE_FAULT", raising=False)
+    monkeypatch.delenv("ADASPLASH_TUNE_RECORD", raising=False)
+    monkeypatch.delenv("ADASPLASH_TUNE_MODE", raising=False)
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setattr(locations, "SHIPPED_DIR", tmp_path / "shipped")
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _storage(tmp_path) -> list[str]:
+    return ["--storage", f"sqlite:///{tmp_path / 'studies.sqlite'}"]
+
+
+def test_tune_writes_entries_that_select_then_returns_from_the_cache(tmp_path):
+    result = run("tune", "--backend", "torch", "--seq-len", "70", "--head-dim", "24", "--heads", "2",
+                 "--kv-heads", "1", "--batch", "1", "--alpha", "1.5,2", "--both", "--trials", "3", "--seed", "1",
+                 *_storage(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "speed-up" in result.output and "4 entries written" in result.output
+    with open_store(str(tmp_path / "cache.sqlite"), readonly=True) as store:
+        entries = store.entries(kernel="adasplash")
+    assert len(entries) == 4
+    gen = torch.Generator().manual_seed(0)
+    for alpha in (1.5, 2.0):
+        for causal in (False, True):
+            q = torch.randn(1, 2, 70, 24, generator=gen)
+            k, v = torch.randn(2, 1, 1, 70, 24, generator=gen)
+            sel = adasplash_tune.select("adasplash", q, k, v, alpha=alpha, is_causal=causal)
+            assert sel.source == "cache"
+            [entry] = [e for e in entries if e.key == sel.key]
+            assert sel.config == entry.config and entry.error is not None
+            # and the tuned config runs and matches the oracle
+            from adasplash_tune.kernels.reference import attention_reference, relative_error, tolerance
+
+            out = adasplash_tune.adasplash(q, k, v, alpha, causal)
+            assert relative_error(out, attention_reference(q, k, v, alpha, causal)) <= tolerance(torch.float32)
+
+
+def test_tune_entmax_json_output_and_the_cache_flag(tmp_path):
+    cache = tmp_path / "other.sqlite"
+    result = run("tune", "--kernel", "entmax", "--backend", "torch", "--rows", "33", "--cols", "100",
+                 "--alpha", "1.7", "--trials", "3", "--seed", "2", "--cache", str(cache), "--json", *_storage(tmp_path))
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["status"] == "tuned" and row["trials"] == 3 and row["objective"] == "fwd"
+    assert row["key"] == {"alpha": "generic", "backend": "torch", "cols": 128, "dtype": "float32", "rows": 64}
+    with open_store(str(cache), readonly=True) as store:
+        [entry] = store.entries(kernel="entmax")
+    assert entry.config == row["config"]
+    x = torch.randn(33, 100)
+    assert adasplash_tune.select("entmax", x, alpha=1.7).source == "default"  # another cache than $ENV
+    assert not (tmp_path / "cache.sqlite").exists()
+
+
+def test_tune_from_record_tunes_the_most_frequent_key_first(tmp_path):
+    record = tmp_path / "record.jsonl"
+    lines = []
+    for rows, count in ((10, 1), (300, 3)):
+        shape = {"rows": rows, "cols": 50, "alpha": 1.5, "dtype": "float32"}
+        key = {"backend": "torch", "dtype": "float32", "alpha": "1.5", "cols": 64, "rows": 16 if rows == 10 else 512}
+        lines += [json.dumps({"kernel": "entmax", "backend": "torch", "key": key, "shape": shape})] * count
+    lines.append("not json")
+    record.write_text("\n".join(lines) + "\n")
+    result = run("tune", "--kernel", "entmax", "--backend", "torch", "--from-record", str(record),
+                 "--trials", "2", "--seed", "3", "--json", *_storage(tmp_path))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["problem"]["rows"] for r in rows] == [300, 10]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--alpha", "2.5"], "alpha must be in (1, 2]"),
+    (["--seq-len", "abc"], "comma list of integers"),
+    (["--gpus", "0"], "no CUDA/ROCm GPU"),
+    (["--strategy", "annealing"], "Invalid value for '--strategy'"),
+    (["--trials", "0"], "--trials"),
+    (["--heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
+])
+def test_usage_errors_exit_2(args, message):
+    if "--gpus" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run("tune", "--backend", "torch", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_failures_exit_1_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("triton is available here")
+    result = run("tune", "--backend", "triton")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --backend triton needs a GPU")
+    bogus = tmp_path / "not-a-cache.sqlite"
+    bogus.write_bytes(b"definitely not sqlite" * 10)
+    result = run("tune", "--backend", "torch", "--cache", str(bogus), "--trials", "1")
+    assert result.exit_code == 1 and result.output.startswith("error:")
+    assert bogus.read_bytes() == b"definitely not sqlite" * 10

@@ -1,0 +1,136 @@
+"""Tuning jobs with a table evaluator: staging, resume, caching, budgets (no kernel runs)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from adasplash_tune.kernels.registry import get_spec
+from adasplash_tune.tuner.job import TuneJob, TuneOptions, stage_budgets
+from adasplash_tune.tuner.problems import AttentionProblem, EntmaxProblem
+
+from .conftest import FAKE_GPU, TableEvaluator, log2_bowl
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PROBLEM = AttentionProblem(batch=2, heads=4, kv_heads=2, seq_len=1000, head_dim=80, alpha=1.5, causal=True,
+                           dtype="bfloat16")
+#: The separable optimum of the synthetic table below (tau/mask, forward and backward knobs).
+CENTRE = {"tau_block_m": 32, "tau_block_n": 128, "mask_m": 32, "mask_n": 64, "fwd_block_m": 64,
+          "fwd_block_n": 128, "fwd_warps": 8, "bwd_block_m": 32, "bwd_block_n": 64, "bwd_warps": 4}
+
+
+def _triton_job(store, storage_url, evaluator, *, trials=150, strategy="grid", **options):
+    bounded = {"tau_warps": (4,), "tau_stages": (2,), "niter": (8,), "fwd_stages": (2,), "bwd_stages": (2,),
+               "tau_block_m": (32, 64), "tau_block_n": (64, 128), "mask_m": (32, 64), "mask_n": (32, 64),
+               "fwd_block_m": (64, 128), "fwd_block_n": (64, 128), "fwd_warps": (4, 8),
+               "bwd_block_m": (32, 64), "bwd_block_n": (64, 128), "bwd_warps": (4, 8)}
+    opts = TuneOptions(strategy=strategy, trials=trials, storage=storage_url, seed=5, restrict=bounded, **options)
+    events = []
+    job = TuneJob([PROBLEM], kernel="adasplash", backend="triton", store=store, options=opts, evaluator=evaluator,
+                  fingerprint=FAKE_GPU, progress=events.append)
+    return job, events
+
+
+def test_staged_search_tunes_tau_then_forward_then_backward_and_caches_the_winner(store, storage_url):
+    evaluator = TableEvaluator(log2_bowl(CENTRE))
+    job, events = _triton_job(store, storage_url, evaluator)
+    [result] = job.run()
+    assert result.status == "tuned" and result.objective == "fwd+bwd"
+    assert {k: result.config[k] for k in CENTRE} == CENTRE
+    assert result.time_ms == pytest.approx(1.0) and result.speedup > 1.0
+    # stages ran in order, each with only its own knobs free
+    stages = [e.stage for e in events]
+    assert stages == sorted(stages, key=["tau", "fwd", "bwd"].index) and set(stages) == {"tau", "fwd", "bwd"}
+    spec = get_spec("adasplash", "triton")
+    # the winner is in the cache under the key api.py builds, for this device and kernel source
+    entry = store.get_exact(FAKE_GPU["device_id"], "adasplash", "triton", spec.source_hash(), PROBLEM.key("triton"))
+    assert entry is not None and entry.config == result.config
+    assert entry.time_ms == pytest.approx(1.0) and entry.strategy == "grid" and entry.spread_ms == pytest.approx(0.01)
+    assert entry.provenance["problem"] == PROBLEM.to_dict() and entry.provenance["backward"] is True
+    # the first trial of the job measured the declared default: the speed-up baseline
+    assert evaluator.calls[0] == {k: v for k, v in spec.default().as_dict().items()}
+    assert result.default_ms == pytest.approx(log2_bowl(CENTRE)(spec.default().as_dict())[0])
+
+
+def test_rerunning_a_finished_job_resumes_and_evaluates_nothing_new(store, storage_url):
+    first = TableEvaluator(log2_bowl(CENTRE))
+    [r1] = _triton_job(store, storage_url, first, trials=30)[0].run()
+    again = TableEvaluator(log2_bowl(CENTRE))
+    [r2] = _triton_job(store, storage_url, again, trials=30)[0].run()
+    assert again.calls == []  # every stage found its trials in the study storage
+    assert r2.config == r1.config and r2.trials == r1.trials and r2.time_ms == r1.time_ms
+    # a larger budget continues where the first run stopped
+    more = TableEvaluator(log2_bowl(CENTRE))
+    [r3] = _triton_job(store, storage_url, more, trials=45)[0].run()
+    assert more.calls and r3.time_ms <= r1.time_ms and r3.trials > r1.trials
+
+
+def test_failures_are_recorded_typed_and_never_win(store, storage_url):
+    def fail(config):
+        if config["fwd_warps"] == 8 and config["fwd_block_n"] == 128:
+            return "runtime"
+        if config["bwd_block_m"] == 32:
+            return "accuracy"
+        return None
+
+    evaluator = TableEvaluator(log2_bowl(CENTRE), fail=fail, compile_workers=2,
+                               compile_fail=lambda c: c["tau_block_m"] == 32 and c["tau_block_n"] == 128)
+    job, _ = _triton_job(store, storage_url, evaluator)
+    [result] = job.run()
+    assert result.status == "tuned" and result.failures > 0
+    assert not (result.config["tau_block_m"] == 32 and result.config["tau_block_n"] == 128)
+    assert not (result.config["fwd_warps"] == 8 and result.config["fwd_block_n"] == 128)
+    assert result.config["bwd_block_m"] != 32
+    reasons = {f["reason"] for f in store.failures(kernel="adasplash")}
+    assert reasons == {"compile", "runtime", "accuracy"}
+    # configs that failed to compile were never timed
+    assert not any(c["tau_block_m"] == 32 and c["tau_block_n"] == 128 for c in evaluator.calls)
+    assert evaluator.compiled  # the batch went through the parallel compile step
+
+
+def test_pareto_mode_reports_the_front_and_caches_the_fastest_accurate_point(store, storage_url):
+    problem = EntmaxProblem(rows=64, cols=300, alpha=1.5)
+
+    def table(config):
+        return 1.0 + 0.1 * config["niter"], 10.0 ** (-config["niter"])
+
+    evaluator = TableEvaluator(table, fail=lambda c: "accuracy" if c["niter"] < 5 else None)
+    opts = TuneOptions(strategy="nsga2", trials=13, storage=storage_url, seed=1)
+    [result] = TuneJob([problem], kernel="entmax", backend="torch", store=store, options=opts,
+                       evaluator=evaluator, fingerprint=FAKE_GPU).run()
+    assert result.config["niter"] == 5
+    assert result.front and all(p["time_ms"] is not None for p in result.front)
+
+
+def test_time_budget_and_trial_budget_split():
+    assert stage_budgets(10, 3) == [4, 3, 3]
+    assert stage_budgets(2, 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="trials must be a positive int"):
+        TuneOptions(trials=0)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        TuneOptions(strategy="hillclimb")
+    with pytest.raises(ValueError, match="time budget"):
+        TuneOptions(time_budget=-1)
+
+
+def test_a_spent_time_budget_skips_the_remaining_problems(store, storage_url):
+    problems = [EntmaxProblem(rows=8, cols=c) for c in (64, 128, 256)]
+    opts = TuneOptions(strategy="random", trials=5, storage=storage_url, time_budget=1e-9, seed=2)
+    results = TuneJob(problems, kernel="entmax", backend="torch", store=store, options=opts,
+                      evaluator=TableEvaluator(lambda c: (1.0, 1e-6)), fingerprint=FAKE_GPU).run()
+    assert [r.status for r in results] == ["skipped"] * 3
+
+
+def test_moving_an_accuracy_knob_off_its_default_needs_headroom(store, storage_url):
+    problem = EntmaxProblem(rows=16, cols=200, alpha=1.5)
+    evaluator = TableEvaluator(lambda c: (1.0 + 0.01 * c["niter"], 1e-7))
+    opts = TuneOptions(strategy="grid", trials=6, storage=storage_url, seed=1, accuracy_headroom=0.25)
+    TuneJob([problem], kernel="entmax", backend="torch", store=store, options=opts, evaluator=evaluator,
+            fingerprint=FAKE_GPU).run()
+    default_niter = get_spec("entmax", "torch").param("niter").default
+    gates = {r.config["niter"]: r.gate for r in evaluator.requests}
+    assert gates[default_niter] == 1.0
+    assert {g for n, g in gates.items() if n != default_niter} == {0.25}
+    with pytest.raises(ValueError, match="headroom"):
+        TuneOptions(accuracy_headroom=0)
