@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import click
 
 from . import CliError
+from .problem_options import build_problems, problem_options, resolve_backend
 
 __all__ = ["register", "tune", "format_summary"]
 
@@ -32,34 +33,6 @@ _DEFAULTS: dict[tuple[str, bool], dict[str, Any]] = {
 
 def register(main: click.Group) -> None:
     main.add_command(tune)
-
-
-# --------------------------------------------------------------------------- option parsing
-
-
-def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        items = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
-    if not items or any(v < 1 for v in items):
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return items
-
-
-def _alpha_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        items = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected a comma list of numbers, got {value!r}") from None
-    bad = [a for a in items if not 1.0 < a <= 2.0]
-    if not items or bad:
-        raise click.BadParameter(f"alpha must be in (1, 2], got {value!r}")
-    return items
 
 
 def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -83,47 +56,6 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"GPU {missing[0]} does not exist (this machine has {count})")
     return gpus
 
-
-# --------------------------------------------------------------------------- problems
-
-
-def _resolve_backend(backend: str, has_gpu: bool) -> str:
-    import os
-
-    if backend == "auto":
-        return "triton" if has_gpu else "torch"
-    if backend == "triton" and not has_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CliError("--backend triton needs a GPU (or TRITON_INTERPRET=1 for the slow interpreter); "
-                       "use --backend torch on a CPU")
-    return backend
-
-
-def _build_problems(kernel: str, has_gpu: bool, opts: dict[str, Any]) -> list[Any]:
-    from ..tuner.problems import AttentionProblem, EntmaxProblem
-
-    defaults = _DEFAULTS[(kernel, has_gpu)]
-    dtype = opts["dtype"] or defaults["dtype"]
-    alphas = opts["alpha"] or defaults["alpha"]
-    if kernel == "entmax":
-        rows = opts["rows"] or defaults["rows"]
-        cols = opts["cols"] or defaults["cols"]
-        return [EntmaxProblem(rows=r, cols=c, alpha=a, dtype=dtype) for r in rows for c in cols for a in alphas]
-    heads = opts["heads"] or defaults["heads"]
-    kv_heads = opts["kv_heads"] or heads
-    if heads % kv_heads:
-        raise click.BadParameter(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
-    causal_mode = opts["causal_mode"] or "non-causal"
-    causals = {"causal": (True,), "non-causal": (False,), "both": (False, True)}[causal_mode]
-    try:
-        return [
-            AttentionProblem(batch=opts["batch"] or defaults["batch"], heads=heads, kv_heads=kv_heads,
-                             seq_len=n, head_dim=d, alpha=a, causal=c, dtype=dtype, varlen=opts["varlen"])
-            for n in (opts["seq_len"] or defaults["seq_len"])
-            for d in (opts["head_dim"] or defaults["head_dim"])
-            for a in alphas for c in causals
-        ]
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- output
@@ -195,23 +127,7 @@ class _Progress:
 
 
 @click.command()
-@click.option("--kernel", type=click.Choice(["adasplash", "entmax"]), default="adasplash", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
-              help="auto: triton on a GPU, torch otherwise.")
-@click.option("--seq-len", callback=_int_list, help="Sequence lengths, comma list (adasplash).")
-@click.option("--head-dim", callback=_int_list, help="Head dims, comma list (adasplash).")
-@click.option("--batch", type=click.IntRange(min=1), help="Batch size (adasplash).")
-@click.option("--heads", type=click.IntRange(min=1), help="Query heads (adasplash).")
-@click.option("--kv-heads", type=click.IntRange(min=1), help="Key/value heads (default: --heads).")
-@click.option("--alpha", callback=_alpha_list, help="Alphas in (1, 2], comma list.")
-@click.option("--causal", "causal_mode", flag_value="causal", help="Causal attention only.")
-@click.option("--non-causal", "causal_mode", flag_value="non-causal", help="Non-causal only (default).")
-@click.option("--both", "causal_mode", flag_value="both", help="Causal and non-causal.")
-@click.option("--varlen", is_flag=True, help="Tune the variable-length (padded) variant (adasplash).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Input dtype (default: bfloat16 on a GPU, float32 on a CPU).")
-@click.option("--rows", callback=_int_list, help="Rows, comma list (entmax).")
-@click.option("--cols", callback=_int_list, help="Row lengths, comma list (entmax).")
+@problem_options
 @click.option("--strategy", type=click.Choice(["tpe", "random", "grid", "cmaes", "nsga2"]), default="tpe",
               show_default=True, help="Search strategy; nsga2 explores the time x error Pareto front of the "
               "accuracy knobs.")
@@ -248,7 +164,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     has_gpu = torch.cuda.is_available()
-    backend = _resolve_backend(backend, has_gpu)
+    backend = resolve_backend(backend, has_gpu)
     device = f"cuda:{gpus[0] if gpus else 0}" if has_gpu else "cpu"
     if gpus and len(gpus) > 1:
         click.echo(f"note: evaluating on GPU {gpus[0]} only (one worker per GPU is not implemented yet)", err=True)
@@ -261,7 +177,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
         if not problems:
             raise CliError(f"{from_record} holds no {kernel} problems")
     else:
-        problems = _build_problems(kernel, has_gpu, {
+        problems = build_problems(kernel, has_gpu, _DEFAULTS[(kernel, has_gpu)], {
             "seq_len": seq_len, "head_dim": head_dim, "batch": batch, "heads": heads, "kv_heads": kv_heads,
             "alpha": alpha, "causal_mode": causal_mode, "varlen": varlen, "dtype": dtype, "rows": rows,
             "cols": cols,

@@ -1,0 +1,104 @@
+"""``adasplash-tune bench``: time the selected config vs the default vs upstream vs dense PyTorch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from . import CliError
+from .problem_options import build_problems, problem_options, resolve_backend
+
+
+def register(main: click.Group) -> None:
+    main.add_command(bench)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@click.command()
+@problem_options
+@click.option("--forward-only", is_flag=True, help="Time the forward pass only (default: also forward+backward).")
+@click.option("--no-upstream", is_flag=True, help="Skip the upstream adasplash package even if installed.")
+@click.option("--no-dense", is_flag=True, help="Skip torch SDPA / softmax.")
+@click.option("--cache", default=None, help="Cache path or SQLAlchemy URL (overrides ADASPLASH_TUNE_CACHE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON rows to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot (time vs N per method).")
+@click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
+              help="Do not run: load rows written by --out (e.g. on a GPU machine) and print / plot them.")
+def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
+          dtype, rows, cols, forward_only: bool, no_upstream: bool, no_dense: bool, cache: str | None,
+          as_json: bool, out: str | None, plot: str | None, from_json: str | None) -> None:
+    """Time tuned (selected) vs default configs, upstream adasplash and dense PyTorch attention."""
+    import os
+
+    if from_json:
+        data = json.loads(open(from_json, encoding="utf-8").read())
+        rows_out = data["rows"] if isinstance(data, dict) else data
+    else:
+        import torch
+
+        from ..benchmark import bench_problems, default_problems
+
+        if cache:
+            os.environ["ADASPLASH_TUNE_CACHE"] = cache
+        has_gpu = torch.cuda.is_available()
+        backend = resolve_backend(backend, has_gpu)
+        device = "cuda" if has_gpu else "cpu"
+        explicit = any(v for v in (seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen, dtype,
+                                   rows, cols))
+        if explicit:
+            defaults = {"seq_len": (1024,), "head_dim": (64,), "batch": 1, "heads": 4, "alpha": (1.5,),
+                        "dtype": "bfloat16" if has_gpu else "float32", "rows": (1024,), "cols": (1024,)}
+            problems = build_problems(kernel, has_gpu, defaults, {
+                "seq_len": seq_len, "head_dim": head_dim, "batch": batch, "heads": heads, "kv_heads": kv_heads,
+                "alpha": alpha, "causal_mode": causal_mode, "varlen": varlen, "dtype": dtype, "rows": rows,
+                "cols": cols})
+        else:
+            problems = default_problems(kernel, device)
+        results = bench_problems(problems, backend=backend, device=device, backward=not forward_only,
+                                 with_upstream=not no_upstream, with_dense=not no_dense)
+        rows_out = [r.as_dict() for r in results]
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            json.dump({"rows": rows_out, "speedup_selected_vs_default": _speedups(rows_out)}, fh, indent=2, default=str)
+    if plot:
+        from ..benchmark import plot_rows
+
+        try:
+            plot_rows(rows_out, plot)
+        except ImportError:
+            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
+    if as_json:
+        click.echo(json.dumps(rows_out, indent=2, default=str))
+        return
+    _print_table(rows_out)
+    for passes, value in _speedups(rows_out).items():
+        click.echo(f"selected vs default, geometric mean ({passes}): {value:.2f}x")
+
+
+def _speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+    from ..benchmark import BenchRow, speedups
+
+    return speedups([BenchRow(**r) for r in rows])
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from .cache_cmds import format_table
+
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = []
+    for label in labels:
+        for passes in ("fwd", "fwd+bwd"):
+            cells = {r["method"]: r for r in rows if r["label"] == label and r["passes"] == passes}
+            if not cells:
+                continue
+            sel = cells.get("selected", {})
+            table.append([label, passes] + [_fmt(cells[m]["time_ms"]) if m in cells else "-" for m in methods]
+                         + [sel.get("source", "-")])
+    click.echo(format_table(["problem", "pass"] + [f"{m} ms" for m in methods] + ["selected from"], table))

@@ -1,0 +1,92 @@
+"""``bench`` and ``verify`` through the real click group, on the torch backend (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import adasplash_tune
+from adasplash_tune.api import clear_memo
+from adasplash_tune.cache import locations
+from adasplash_tune.cache.store import Entry, open_store
+from adasplash_tune.cli import main
+from adasplash_tune.device import fingerprint
+from adasplash_tune.kernels.registry import get_spec
+from adasplash_tune.tuner.problems import AttentionProblem
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "cache.sqlite"))
+    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setattr(locations, "SHIPPED_DIR", tmp_path / "shipped")
+    torch.manual_seed(0)
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+PROBLEM = AttentionProblem(batch=1, heads=2, kv_heads=2, seq_len=37, head_dim=16, alpha=1.5, causal=True,
+                           dtype="float32")
+
+
+def _store_entry(path, niter: int) -> Entry:
+    spec = get_spec("adasplash", "torch")
+    config = spec.validate({"q_chunk": 16, "k_chunk": 64, "niter": niter}).as_dict()
+    entry = Entry("adasplash", "torch", fingerprint("cpu").as_dict(), spec.source_hash(), PROBLEM.key("torch"),
+                  config, time_ms=1.0, error=0.0, trials=1, strategy="test",
+                  provenance={"problem": PROBLEM.to_dict(), "backward": True})
+    with open_store(str(path)) as store:
+        assert store.upsert_best(entry)
+    return entry
+
+
+def test_bench_table_json_and_replot(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--backend", "torch", "--seq-len", "33", "--head-dim", "16", "--heads", "2",
+                 "--both", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "selected ms" in result.output and "sdpa ms" in result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"selected", "default", "sdpa"}
+    assert {r["passes"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["time_ms"] > 0 for r in rows)
+    assert {r["source"] for r in rows if r["method"] == "selected"} == {"default"}
+    again = run("bench", "--from-json", str(out), "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout) == rows
+
+
+def test_bench_usage_error_exit_2():
+    assert run("bench", "--seq-len", "abc").exit_code == 2
+
+
+def test_verify_passes_a_good_entry(tmp_path):
+    cache = tmp_path / "cache.sqlite"
+    _store_entry(cache, niter=12)
+    result = run("verify", "--cache", str(cache), "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["status"] == "ok" and row["error"] < row["tolerance"]
+
+
+def test_verify_marks_a_failing_entry_and_the_loader_skips_it(tmp_path, monkeypatch):
+    cache = tmp_path / "cache.sqlite"
+    _store_entry(cache, niter=1)  # one Halley step: far outside the fp32 tolerance
+    q = torch.randn(1, 2, 37, 16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    clear_memo()
+    assert adasplash_tune.select("adasplash", q, k, v, 1.5, True, backend="torch").source == "cache"
+    result = run("verify", "--cache", str(cache))
+    assert result.exit_code == 1
+    assert "accuracy" in result.output and "1 failed" in result.output
+    clear_memo()
+    sel = adasplash_tune.select("adasplash", q, k, v, 1.5, True, backend="torch")
+    assert sel.source == "default"
+    with open_store(str(cache)) as store:
+        (entry,) = store.entries()
+        assert entry.failed_verify
