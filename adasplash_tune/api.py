@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -158,13 +158,14 @@ def _explicit_config(kernel: str, backend: str, config: Any) -> Config:
 _MEMO: dict[tuple, Selection] = {}
 
 
-def _select(kernel: str, backend: str, device: torch.device, key: dict[str, Any], config: Any) -> Selection:
+def _select(kernel: str, backend: str, device: torch.device, key: dict[str, Any], config: Any,
+            shape: dict[str, Any] | None = None) -> Selection:
     if config is not None:
         cfg = _explicit_config(kernel, backend, config)
         return Selection(kernel, backend, cfg.as_dict(), key, "explicit", cfg)
     from .cache.loader import resolve
 
-    cfg, source = resolve(get_spec(kernel, backend), key, device)
+    cfg, source = resolve(get_spec(kernel, backend), key, device, shape)
     return Selection(kernel, backend, cfg.as_dict(), key, source, cfg)
 
 
@@ -181,7 +182,10 @@ def _attention_selection(q, k, alpha, is_causal, varlen, backend, config) -> Sel
         backend=backend, dtype=_FLOAT_DTYPES[q.dtype], batch=batch, q_heads=hq, kv_heads=k.shape[1],
         seq_len=n, head_dim=dim, alpha=alpha, causal=is_causal, varlen=varlen is not None,
     )
-    sel = _select("adasplash", backend, q.device, key, config)
+    shape = {"batch": batch, "heads": hq, "kv_heads": k.shape[1], "seq_len": n, "head_dim": dim,
+             "alpha": alpha, "causal": is_causal, "varlen": varlen is not None,
+             "dtype": _FLOAT_DTYPES[q.dtype]}
+    sel = _select("adasplash", backend, q.device, key, config, shape)
     if memo_key is not None:
         _MEMO[memo_key] = sel
     return sel
@@ -197,7 +201,8 @@ def _entmax_selection(x: torch.Tensor, alpha: float, dim: int, backend: str, con
     cols = x.shape[dim]
     rows = x.numel() // max(cols, 1)
     key = entmax_key(backend=backend, dtype=_FLOAT_DTYPES[x.dtype], rows=rows, cols=cols, alpha=alpha)
-    sel = _select("entmax", backend, x.device, key, config)
+    shape = {"rows": rows, "cols": cols, "alpha": alpha, "dtype": _FLOAT_DTYPES[x.dtype]}
+    sel = _select("entmax", backend, x.device, key, config, shape)
     if memo_key is not None:
         _MEMO[memo_key] = sel
     return sel
@@ -206,6 +211,11 @@ def _entmax_selection(x: torch.Tensor, alpha: float, dim: int, backend: str, con
 def clear_memo() -> None:
     """Forget memoised selections (after the cache changed, or in tests)."""
     _MEMO.clear()
+    import sys
+
+    loader = sys.modules.get("adasplash_tune.cache.loader")  # only if it was ever used
+    if loader is not None:
+        loader.clear_memo()
 
 
 def _with_niter(cfg: Config, niter: int | None) -> Config:
@@ -234,16 +244,26 @@ def adasplash(
     """
     q, k, v, alpha, varlen, niter, scale = _check_attention_inputs(q, k, v, alpha, is_causal, varlen, niter, scale)
     backend = _resolve_backend(backend, q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    from . import ops
+
+    if not ops.has_attention_op(backend):  # no forward/backward pair: its autograd.Function, eager
+        return ops.call_eager(_adasplash_function, q, k, v, alpha, is_causal, varlen, niter, scale, backend,
+                              config)
+    if torch.compiler.is_compiling():
+        # Traced: the custom op selects at run time (same precedence chain, never timed).
+        cfg_json = ops.explicit_config_json("adasplash", backend, config)
+    else:
+        cfg_json = ops.config_json(_attention_selection(q, k, alpha, is_causal, varlen, backend, config)._config)
+    return ops.adasplash_op(q, k, v, alpha, is_causal, varlen, scale, backend, cfg_json, niter)
+
+
+def _adasplash_function(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config) -> torch.Tensor:
     sel = _attention_selection(q, k, alpha, is_causal, varlen, backend, config)
     cfg = _with_niter(sel._config, niter)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend == "triton":
-        from .kernels.attention.op import adasplash_triton
+    from .kernels.attention.op import adasplash_triton
 
-        return adasplash_triton(q, k, v, alpha, is_causal, varlen, scale, cfg)
-    from .kernels.torch_backend.attention import adasplash_torch
-
-    return adasplash_torch(q, k, v, alpha, is_causal, varlen, scale, cfg)
+    return adasplash_triton(q, k, v, alpha, is_causal, varlen, scale, cfg)
 
 
 def _check_entmax_inputs(x, alpha, dim, niter):
@@ -269,20 +289,18 @@ def entmax(
     """alpha-entmax of ``x`` along ``dim`` (alpha in (1, 2]); differentiable."""
     x, alpha, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
     backend = _resolve_backend(backend, x.device)
-    sel = _entmax_selection(x, alpha, dim, backend, config)
-    cfg = _with_niter(sel._config, niter)
+    from . import ops
+
+    if torch.compiler.is_compiling():
+        # Traced: the custom op selects at run time (same precedence chain, never timed).
+        cfg_json = ops.explicit_config_json("entmax", backend, config)
+    else:
+        cfg_json = ops.config_json(_entmax_selection(x, alpha, dim, backend, config)._config)
     if x.numel() == 0:
         return torch.empty_like(x)
     moved = x.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1])
-    if backend == "triton":
-        from .kernels.entmax import entmax_triton
-
-        out = entmax_triton(rows, alpha, cfg)
-    else:
-        from .kernels.torch_backend.entmax import entmax_torch
-
-        out = entmax_torch(rows, alpha, cfg)
+    out = ops.entmax_op(rows, alpha, backend, cfg_json, niter)
     return out.reshape(moved.shape).movedim(-1, dim)
 
 
@@ -302,12 +320,18 @@ def _select_adasplash(q, k, v, alpha=1.5, is_causal=False, varlen=None, niter=No
                       backend=None, config=None) -> Selection:
     q, k, v, alpha, varlen, niter, scale = _check_attention_inputs(q, k, v, alpha, is_causal, varlen, niter, scale)
     backend = _resolve_backend(backend, q.device)
-    return _attention_selection(q, k, alpha, is_causal, varlen, backend, config)
+    return _with_niter_selection(_attention_selection(q, k, alpha, is_causal, varlen, backend, config), niter)
 
 
 def _select_entmax(x, alpha=1.5, dim=-1, niter=None, *, backend=None, config=None) -> Selection:
     x, alpha, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
     backend = _resolve_backend(backend, x.device)
-    return _entmax_selection(x, alpha, dim, backend, config)
+    return _with_niter_selection(_entmax_selection(x, alpha, dim, backend, config), niter)
+
+
+def _with_niter_selection(sel: Selection, niter: int | None) -> Selection:
+    """The selection as the call runs it: an explicit ``niter`` replaces the config's."""
+    cfg = _with_niter(sel._config, niter)
+    return sel if cfg is sel._config else replace(sel, config=cfg.as_dict(), _config=cfg)
 
 

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from ..spec import Config
 from .tau import entmax_probs, halley_bisect, power_sums
 
-__all__ = ["adasplash_torch"]
+__all__ = ["adasplash_torch", "adasplash_torch_forward", "adasplash_torch_backward"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -306,3 +306,46 @@ def adasplash_torch(
         return _AdaSplashTorch.apply(q, k, v, plan, niter)
     kc, vc = (t.to(plan.dtype).contiguous() for t in (k, v))
     return _forward(plan, q, kc, vc, niter)[0].to(q.dtype)
+
+
+def _plan_for(q, k, alpha, is_causal, varlen, scale, config) -> tuple[_Plan, int]:
+    plan = _Plan(q, k, float(alpha), bool(is_causal), varlen, float(scale),
+                 _knob(config, "q_chunk"), _knob(config, "k_chunk"))
+    return plan, _knob(config, "niter")
+
+
+def adasplash_torch_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float,
+    is_causal: bool,
+    varlen: torch.Tensor | None,
+    scale: float,
+    config: Config | Mapping[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward without autograd: (output in q's dtype, row statistics (3, B, Hq, N, 1) = m, tau, S
+    in the compute dtype) -- the statistics are what :func:`adasplash_torch_backward` needs."""
+    plan, niter = _plan_for(q, k, alpha, is_causal, varlen, scale, config)
+    kc, vc = (t.to(plan.dtype).contiguous() for t in (k, v))
+    out, m, tau, total = _forward(plan, q, kc, vc, niter)
+    return out.to(q.dtype), torch.stack((m, tau, total))
+
+
+def adasplash_torch_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stats: torch.Tensor,
+    alpha: float,
+    is_causal: bool,
+    varlen: torch.Tensor | None,
+    scale: float,
+    config: Config | Mapping[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v from the statistics of :func:`adasplash_torch_forward`."""
+    plan, _ = _plan_for(q, k, alpha, is_causal, varlen, scale, config)
+    kc, vc = (t.to(plan.dtype).contiguous() for t in (k, v))
+    dq, dk, dv = _backward(plan, grad_out, q, kc, vc, stats[0], stats[1], stats[2])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,272 @@
+"""The custom ops (torch.library): schema/fake/autograd checks, the alpha gradient, and
+torch.compile(fullgraph=True) of models calling adasplash_tune.adasplash / entmax.
+
+The CPU compile tests use the aot_eager compiler backend (Dynamo + AOTAutograd + the fake
+implementations: everything the ops contribute); Inductor's cold start alone takes ~30 s on two
+cores, so the Inductor run is the GPU test's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adasplash_tune
+from adasplash_tune import ConfigError, ops
+from adasplash_tune.cache import locations
+from adasplash_tune.cache.store import Entry, open_store
+from adasplash_tune.device import fingerprint
+from adasplash_tune.kernels.reference import (
+    attention_reference, entmax_reference, relative_error, tolerance,
+)
+from adasplash_tune.kernels.registry import get_spec
+
+ATTN = torch.ops.adasplash_tune.attention_forward.default
+ENTMAX = torch.ops.adasplash_tune.entmax_forward.default
+
+
+@pytest.fixture(autouse=True)
+def _isolated_selection(monkeypatch, tmp_path):
+    """A fresh, empty user cache per test; no shipped caches or record file."""
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "cache.sqlite"))
+    monkeypatch.delenv("ADASPLASH_TUNE_MODE", raising=False)
+    monkeypatch.delenv("ADASPLASH_TUNE_RECORD", raising=False)
+    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(locations, "SHIPPED_DIR", shipped)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _qkv(batch=2, hq=2, hkv=1, n=11, dim=16, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(batch, h, n, dim, generator=gen) for h in (hq, hkv, hkv)]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def _torch_config(**values) -> str:
+    return ops.config_json(get_spec("adasplash", "torch").validate(values))
+
+
+# --------------------------------------------------------------------------- op registration
+
+
+@pytest.mark.parametrize("varlen", [None, [7, 11]])
+@pytest.mark.parametrize("config", ["", "explicit"])
+def test_attention_op_passes_opcheck(varlen, config):
+    q, k, v = _qkv(grad=True)
+    lengths = None if varlen is None else torch.tensor(varlen)
+    cfg = _torch_config(q_chunk=16, k_chunk=64) if config else ""
+    alpha = torch.tensor(1.5, dtype=torch.float64)
+    result = torch.library.opcheck(ATTN, (q, k, v, lengths, alpha, True, 0.3, 0, "torch", cfg))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_attention_op_with_learnable_alpha_passes_opcheck():
+    q, k, v = _qkv(n=9, grad=True)
+    alpha = torch.tensor(1.3, requires_grad=True)
+    result = torch.library.opcheck(ATTN, (q, k, v, None, alpha, False, 0.25, 0, "torch", ""))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_entmax_op_passes_opcheck():
+    x = torch.randn(5, 19, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    result = torch.library.opcheck(ENTMAX, (x, 1.25, 0, "torch", ""))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_op_outputs_match_the_oracle_and_residuals_are_not_differentiable():
+    q, k, v = _qkv(n=13, seed=1, grad=True)
+    varlen = torch.tensor([13, 6])
+    alpha = torch.tensor(1.5, dtype=torch.float64)
+    out, stats = ATTN(q, k, v, varlen, alpha, True, 0.25, 0, "torch", "")
+    ref = attention_reference(q, k, v, 1.5, True, varlen, 0.25)
+    assert relative_error(out, ref) <= tolerance(torch.float32)
+    assert stats.shape == (3, 2, 2, 13, 1) and not stats.requires_grad
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(torch.float32, grad=True)
+
+
+def test_unknown_backend_in_the_op_is_a_value_error():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.adasplash_op(q, k, v, 1.5, False, None, 0.25, "cuda-magic")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.entmax_op(torch.randn(3, 5), 1.5, "cuda-magic")
+
+
+# --------------------------------------------------------------------------- alpha gradient
+
+
+@pytest.mark.parametrize("alpha", [1.2, 1.5, 1.75])
+@pytest.mark.parametrize("causal,varlen", [(False, None), (True, [10, 4])])
+def test_alpha_gradient_matches_finite_differences_of_the_oracle(alpha, causal, varlen):
+    q, k, v = _qkv(n=10, seed=2)
+    lengths = None if varlen is None else torch.tensor(varlen)
+    grad_out = torch.randn(2, 2, 10, 16, generator=torch.Generator().manual_seed(5))
+    a = torch.tensor(alpha, requires_grad=True)
+    out = ops.adasplash_op(q, k, v, a, causal, lengths, 0.3, "torch")
+    (out * grad_out).sum().backward()
+    h = 1e-5
+
+    def loss(at: float) -> torch.Tensor:
+        return (attention_reference(q, k, v, at, causal, lengths, 0.3) * grad_out.double()).sum()
+
+    want = (loss(alpha + h) - loss(alpha - h)) / (2 * h)
+    assert a.grad is not None and a.grad.shape == ()
+    assert abs(a.grad.item() - want.item()) <= tolerance(torch.float32, grad=True) * abs(want.item())
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+class _TinyBlock(torch.nn.Module):
+    """Projections -> adasplash (GQA, causal) -> entmax over the features of each head."""
+
+    def __init__(self, alpha=1.5, config=None, niter=None):
+        super().__init__()
+        self.qkv = torch.nn.Linear(24, 4 * 16)
+        self.alpha, self.config, self.niter = alpha, config, niter
+
+    def forward(self, x, varlen=None):
+        b, n, _ = x.shape
+        h = self.qkv(x).view(b, n, 4, 16).transpose(1, 2)
+        q, k, v = h[:, :2], h[:, 2:3], h[:, 3:]
+        o = adasplash_tune.adasplash(q, k, v, self.alpha, True, varlen, self.niter, backend="torch",
+                                     config=self.config)
+        return adasplash_tune.entmax(o * 3.0, alpha=1.25, dim=-1, backend="torch")
+
+
+def _block_oracle(block: _TinyBlock, x: torch.Tensor, varlen=None) -> torch.Tensor:
+    b, n, _ = x.shape
+    h = block.qkv(x).view(b, n, 4, 16).transpose(1, 2)
+    o = attention_reference(h[:, :2], h[:, 2:3], h[:, 3:], block.alpha, True, varlen)
+    return entmax_reference(o * 3.0, 1.25, dim=-1)
+
+
+def _run(model, x, w, **kw):
+    model.zero_grad()
+    y = model(x, **kw)
+    (y * w).sum().backward()
+    return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["auto-selected", "explicit-config", "varlen"])
+def test_compiled_model_has_one_graph_and_matches_eager_and_oracle(case):
+    torch.manual_seed(0)
+    kw, block_args = {}, {}
+    if case == "explicit-config":
+        block_args = {"config": {"q_chunk": 16, "k_chunk": 64}, "niter": 12}
+    if case == "varlen":
+        kw = {"varlen": torch.tensor([13, 5])}
+    block = _TinyBlock(**block_args)
+    x = torch.randn(2, 13, 24)
+    w = torch.randn(2, 2, 13, 16)
+    eager_y, eager_g = _run(block, x, w, **kw)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, grads = _run(compiled, x, w, **kw)
+    assert relative_error(y, eager_y) <= tolerance(torch.float32)
+    for g, e in zip(grads, eager_g):
+        assert relative_error(g, e) <= tolerance(torch.float32, grad=True)
+    ref = _block_oracle(block, x, kw.get("varlen"))
+    assert relative_error(y, ref) <= tolerance(torch.float32)
+    explain = torch._dynamo.explain(block)(x, **kw)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0
+
+
+def test_one_dynamic_graph_serves_every_length_with_its_own_selection(monkeypatch):
+    seen = []
+    original = ops._attention_config
+    monkeypatch.setattr(ops, "_attention_config", lambda *a: seen.append(a[0].shape[2]) or original(*a))
+
+    def fn(q, k, v, lengths):
+        return adasplash_tune.adasplash(q, k, v, 1.5, True, lengths, backend="torch")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    torch._dynamo.utils.counters.clear()
+    for n in (13, 30, 47):
+        q, k, v = _qkv(n=n, seed=n)
+        lengths = torch.tensor([n, n // 2])
+        out = compiled(q, k, v, lengths)
+        assert relative_error(out, attention_reference(q, k, v, 1.5, True, lengths)) <= tolerance(torch.float32)
+    assert seen == [13, 30, 47]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_call_selects_at_run_time_like_eager(monkeypatch):
+    """A cached entry is picked inside the op: the compiled graph and the eager call use it."""
+    q, k, v = _qkv(n=21, seed=4)
+    sel = adasplash_tune.select("adasplash", q, k, v, 1.5, True, backend="torch")
+    assert sel.source == "default"
+    tuned = {"q_chunk": 32, "k_chunk": 64, "niter": 16}
+    spec = get_spec("adasplash", "torch")
+    entry = Entry("adasplash", "torch", fingerprint("cpu").as_dict(), spec.source_hash(), sel.key, tuned,
+                  time_ms=1.0, error=1e-6, trials=1, strategy="grid")
+    with open_store(locations.user_cache_location()) as store:
+        store.upsert_best(entry)
+    adasplash_tune.api.clear_memo()
+    seen = []
+    original = ops._attention_config
+
+    def spy(*args):
+        cfg = original(*args)
+        seen.append(cfg.as_dict())
+        return cfg
+
+    monkeypatch.setattr(ops, "_attention_config", spy)
+    fn = torch.compile(lambda a, b, c: adasplash_tune.adasplash(a, b, c, 1.5, True, backend="torch"),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(q, k, v)
+    eager = adasplash_tune.adasplash(q, k, v, 1.5, True, backend="torch")
+    assert seen == [tuned, tuned]
+    assert adasplash_tune.select("adasplash", q, k, v, 1.5, True, backend="torch").source == "cache"
+    assert torch.equal(out, eager)
+    assert relative_error(out, attention_reference(q, k, v, 1.5, True)) <= tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"q_chunk": 3}, "q_chunk"),
+    ({"bogus": 1}, "unknown config field 'bogus'"),
+    (get_spec("entmax", "torch").default(), "config is for entmax"),
+])
+def test_compiled_call_with_a_bad_explicit_config_raises_config_error(config, match):
+    q, k, v = _qkv()
+    fn = torch.compile(lambda a, b, c: adasplash_tune.adasplash(a, b, c, backend="torch", config=config),
+                       fullgraph=True, backend="aot_eager")
+    with pytest.raises(ConfigError, match=match):
+        fn(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compiled_model_with_the_triton_backend_on_gpu(dtype):
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lin = torch.nn.Linear(64, 4 * 64, device="cuda", dtype=dtype)
+
+    def model(x):
+        b, n, _ = x.shape
+        h = lin(x).view(b, n, 4, 64).transpose(1, 2)
+        o = adasplash_tune.adasplash(h[:, :2], h[:, 2:3], h[:, 3:], 1.5, True, backend="triton")
+        return adasplash_tune.entmax(o, alpha=1.5, dim=-1, backend="triton")
+
+    x = torch.randn(2, 333, 64, device="cuda", dtype=dtype, generator=gen)
+    w = torch.randn(2, 2, 333, 64, device="cuda", dtype=dtype, generator=gen)
+    y = torch.compile(model, fullgraph=True)(x)
+    (y * w).sum().backward()
+    got = lin.weight.grad.clone()
+    lin.weight.grad = None
+    h = lin(x).view(2, 333, 4, 64).transpose(1, 2)
+    ref = entmax_reference(attention_reference(h[:, :2], h[:, 2:3], h[:, 3:], 1.5, True), 1.5, dim=-1)
+    (ref * w.double()).sum().backward()
+    assert relative_error(y, ref) <= tolerance(dtype)
+    assert relative_error(got, lin.weight.grad) <= tolerance(dtype, grad=True)
