@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..spec import Constraint, KernelSpec, Param
+from typing import Any, Mapping
+
+from ..spec import Config, Constraint, KernelSpec, Param
+
+__all__ = ["TORCH", "TRITON", "SPECS", "triton_smem_estimates", "fit_triton_config", "TAU_TOL_AUTO"]
 
 NITER_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 30)
 TILES = (16, 32, 64, 128)
@@ -20,36 +24,148 @@ TORCH = KernelSpec(
              "kernels/declarations/attention.py"),
 )
 
-# The Triton pipeline's declaration is owned by kernels/attention/ (see its README section);
-# this draft is replaced there as the kernels take shape.
+#: ``tau_tol="auto"``: the early-exit Halley step (z units) per dtype and alpha class, chosen on
+#: simulated rows (randn and clustered keys, N = 4096 and 16384) so that tau's share of the output
+#: error stays near 1e-3 for 16-bit inputs and 1e-6 for float32. alpha = 1.5 converges fastest;
+#: alpha = 2 is Newton (quadratic) and other alphas need a tighter step in z units.
+TAU_TOL_AUTO = {("16bit", "1.5"): 0.1, ("16bit", "other"): 0.03, ("float32", "any"): 0.003}
+
+# Stages (tuner): "tau_*", "niter" and "mask_*" are the tau / mask stage, "fwd_*" the sparse
+# forward, "bwd_*" the dK/dV kernel and "bwd_q_*" the dQ kernel.
+_TRITON_PARAMS = (
+    Param("tau_block_m", TILES, 64, "query rows per tau program"),
+    Param("tau_block_n", TILES, 64, "keys per tau sweep step"),
+    Param("tau_warps", (2, 4, 8), 4),
+    Param("tau_stages", (1, 2, 3, 4), 3),
+    Param("niter", NITER_CHOICES, 8,
+          "at most this many Halley-bisection sweeps for tau (fewer once the step is below tau_tol)",
+          accuracy=True),
+    Param("tau_init", ("mid", "lo"), "mid",
+          "first tau: midpoint of [max-1, max-n^(1-alpha)] or its lower end", accuracy=True),
+    Param("tau_tol", ("auto", 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0), "auto",
+          "stop sweeping once every row's Halley step is at most this (0: always niter sweeps)",
+          accuracy=True),
+    Param("mask_m", TILES, 64, "query rows per block-mask tile"),
+    Param("mask_n", TILES, 64, "keys per block-mask tile"),
+    Param("mask_source", ("max", "sweeps"), "max",
+          "block mask from the max sweep (z > running max - 1; no cost in the Halley sweeps) or "
+          "refreshed by every Halley sweep (z > bracket lower bound; tighter, costs every sweep)"),
+    Param("fwd_block_m", TILES, 128),
+    Param("fwd_block_n", TILES, 64),
+    Param("fwd_warps", (2, 4, 8), 8),
+    Param("fwd_stages", (1, 2, 3, 4), 3),
+    Param("bwd_block_m", TILES, 64, "dK/dV kernel: query rows per step"),
+    Param("bwd_block_n", TILES, 64, "dK/dV kernel: keys per program"),
+    Param("bwd_warps", (2, 4, 8), 4),
+    Param("bwd_stages", (1, 2, 3, 4), 2),
+    Param("bwd_q_block_m", TILES, 64, "dQ kernel: query rows per program"),
+    Param("bwd_q_block_n", TILES, 64, "dQ kernel: keys per step"),
+    Param("bwd_q_warps", (2, 4, 8), 4),
+    Param("bwd_q_stages", (1, 2, 3, 4), 2),
+)
+
+
+def _pow2_dim(head_dim: int) -> int:
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def triton_smem_estimates(values: Mapping[str, Any], head_dim: int, dtype_bytes: int) -> dict[str, int]:
+    """Shared-memory estimate in bytes of each launch: resident tiles + pipelined tiles
+    (``max(stages - 1, 1)`` buffers) + scratch for the score tiles' layout changes. Checked against
+    sm_90 builds: at or above the measured use for float32 and 16-bit inputs, head dims 64-256."""
+    d, eb = _pow2_dim(head_dim), int(dtype_bytes)
+
+    def bufs(stages: int) -> int:
+        return max(int(stages) - 1, 1)
+
+    v = values
+    return {
+        "tau": eb * d * (v["tau_block_m"] + bufs(v["tau_stages"]) * v["tau_block_n"])
+        + 4 * v["tau_block_m"] * v["tau_block_n"],
+        "fwd": eb * d * (v["fwd_block_m"] + 2 * bufs(v["fwd_stages"]) * v["fwd_block_n"])
+        + 2 * eb * v["fwd_block_m"] * v["fwd_block_n"],
+        "bwd": eb * d * (2 * v["bwd_block_n"] + 2 * bufs(v["bwd_stages"]) * v["bwd_block_m"])
+        + 2 * eb * v["bwd_block_m"] * v["bwd_block_n"],
+        "bwd_q": eb * d * (2 * v["bwd_q_block_m"] + 2 * bufs(v["bwd_q_stages"]) * v["bwd_q_block_n"])
+        + 2 * eb * v["bwd_q_block_m"] * v["bwd_q_block_n"],
+    }
+
+
+def _smem_ok(stage: str):
+    def check(v: Mapping[str, Any], c: Mapping[str, Any]) -> bool:
+        if not all(key in c for key in ("head_dim", "dtype_bytes", "max_shared_mem")):
+            return True
+        return triton_smem_estimates(v, c["head_dim"], c["dtype_bytes"])[stage] <= int(c["max_shared_mem"])
+
+    return check
+
+
+def _multiple(a: str, b: str) -> Constraint:
+    return Constraint((a, b), f"{a} % {b} == 0", lambda v, c, a=a, b=b: v[a] % v[b] == 0)
+
+
+_STAGE_PARAMS = {
+    "tau": ("tau_block_m", "tau_block_n", "tau_stages"),
+    "fwd": ("fwd_block_m", "fwd_block_n", "fwd_stages"),
+    "bwd": ("bwd_block_m", "bwd_block_n", "bwd_stages"),
+    "bwd_q": ("bwd_q_block_m", "bwd_q_block_n", "bwd_q_stages"),
+}
+
+_TRITON_CONSTRAINTS = (
+    # the block mask is written by the tau sweeps, so a tau tile holds whole mask tiles
+    _multiple("tau_block_m", "mask_m"),
+    _multiple("tau_block_n", "mask_n"),
+    # compute tiles OR whole mask tiles (a coarser compute tile visits a tile if any part is active)
+    _multiple("fwd_block_m", "mask_m"),
+    _multiple("fwd_block_n", "mask_n"),
+    _multiple("bwd_block_m", "mask_m"),
+    _multiple("bwd_block_n", "mask_n"),
+    _multiple("bwd_q_block_m", "mask_m"),
+    _multiple("bwd_q_block_n", "mask_n"),
+) + tuple(
+    Constraint(params, f"{stage} shared-memory estimate <= max_shared_mem", _smem_ok(stage))
+    for stage, params in _STAGE_PARAMS.items()
+)
+
 TRITON = KernelSpec(
     kernel="adasplash",
     backend="triton",
-    doc="Triton AdaSplash: tau sweeps -> block mask -> sparse forward / backward",
-    params=(
-        Param("tau_block_m", TILES, 64),
-        Param("tau_block_n", TILES, 64),
-        Param("tau_warps", (2, 4, 8), 4),
-        Param("tau_stages", (1, 2, 3, 4), 2),
-        Param("niter", NITER_CHOICES, 8, "tau iterations", accuracy=True),
-        Param("mask_m", TILES, 64),
-        Param("mask_n", TILES, 64),
-        Param("fwd_block_m", TILES, 64),
-        Param("fwd_block_n", TILES, 64),
-        Param("fwd_warps", (2, 4, 8), 4),
-        Param("fwd_stages", (1, 2, 3, 4), 2),
-        Param("bwd_block_m", TILES, 64),
-        Param("bwd_block_n", TILES, 64),
-        Param("bwd_warps", (2, 4, 8), 4),
-        Param("bwd_stages", (1, 2, 3, 4), 2),
-    ),
-    constraints=(
-        Constraint(("fwd_block_m", "mask_m"), "fwd_block_m % mask_m == 0",
-                   lambda v, c: v["fwd_block_m"] % v["mask_m"] == 0),
-        Constraint(("fwd_block_n", "mask_n"), "fwd_block_n % mask_n == 0",
-                   lambda v, c: v["fwd_block_n"] % v["mask_n"] == 0),
-    ),
+    doc="Triton AdaSplash: tau sweeps (writing the block mask) -> tile lists -> sparse forward / "
+        "sparse backward (dK/dV per key tile, dQ per query tile)",
+    params=_TRITON_PARAMS,
+    constraints=_TRITON_CONSTRAINTS,
     sources=("kernels/attention", "kernels/declarations/attention.py"),
 )
 
 SPECS = {"triton": TRITON, "torch": TORCH}
+
+_STAGE_PREFIX = {"tau": "tau_", "fwd": "fwd_", "bwd": "bwd_", "bwd_q": "bwd_q_"}
+
+
+def fit_triton_config(config: Config, context: Mapping[str, Any]) -> Config:
+    """``config`` shrunk (fewer stages, then smaller tiles, in the launches that do not fit) until
+    it satisfies every constraint in ``context``. Used for the built-in default on problems it does
+    not fit (large head dims in float32). Raises ConfigError when nothing fits."""
+    from ..spec import ConfigError
+
+    values = config.as_dict()
+    for _ in range(64):
+        bad = TRITON.violations(values, context)
+        if not bad:
+            return TRITON.validate(values, context)
+        stages = [s for s in _STAGE_PREFIX if f"{s} shared-memory estimate" in " ".join(bad)]
+        if not stages:
+            break
+        prefix = _STAGE_PREFIX[stages[0]]
+        for name in (f"{prefix}stages", f"{prefix}block_n", f"{prefix}block_m"):
+            choices = TRITON.param(name).choices
+            idx = choices.index(values[name])
+            if idx > 0:
+                values = dict(values, **{name: choices[idx - 1]})
+                break
+        else:
+            break
+        # the mask tile must keep dividing every compute tile (all are powers of two)
+        values["mask_m"] = min(values["mask_m"], *(values[f"{p}block_m"] for p in _STAGE_PREFIX.values()))
+        values["mask_n"] = min(values["mask_n"], *(values[f"{p}block_n"] for p in _STAGE_PREFIX.values()))
+    raise ConfigError(f"no smaller variant of the config fits this problem ({dict(context)})")

@@ -1,0 +1,138 @@
+"""Pieces shared by the AdaSplash Triton stages: alpha-specialised powers, problem geometry,
+output allocation (with a poison switch for tests) and the per-call launch facts.
+
+Units: scores are ``z = (alpha - 1) * scale * q.k``; a row's threshold ``tau`` is in z units and
+``u = [z - tau]_+``. Unnormalised probabilities are ``u^b`` with ``b = 1 / (alpha - 1)``; the
+backward weight is ``s = u^(b - 1)`` (``p^(2 - alpha)`` up to the row's normalisation).
+``MODE`` selects the code path at compile time: 1 for alpha = 1.5 (``u^2``; no exp2/log2), 2 for
+alpha = 2 (``u``; no exp2/log2), 0 for any other alpha (exp2/log2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "BIG", "Geometry", "alpha_mode", "dot_precision", "alloc", "poison_outputs", "pow_b", "pow_bm1",
+    "tau_terms",
+]
+
+#: Threshold of a row with no valid key: every score minus BIG clamps to zero (finite, so that
+#: differences of thresholds stay finite).
+BIG = tl.constexpr(1.0e30)
+
+_POISON: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Test hook: while active, kernel outputs are allocated filled with NaN, so an element a
+    kernel fails to write shows up as NaN."""
+    previous = _POISON[0]
+    _POISON[0] = True
+    try:
+        yield
+    finally:
+        _POISON[0] = previous
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer every element of which a kernel writes (NaN-filled under poison_outputs)."""
+    if _POISON[0] and dtype.is_floating_point:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def alpha_mode(alpha: float) -> int:
+    """1 for alpha = 1.5, 2 for alpha = 2, 0 (generic exp2/log2 path) otherwise."""
+    if alpha == 1.5:
+        return 1
+    if alpha == 2.0:
+        return 2
+    return 0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs use exact float32 products (tf32 would miss the 1e-4 forward gate)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape facts of one attention call: q (B, Hq, N, D), k/v (B, Hkv, N, D)."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    seq_len: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def block_d(self) -> int:
+        """Head dim padded to a power of two (at least 16); the padding is masked in the kernels."""
+        return max(16, triton.next_power_of_2(self.head_dim))
+
+    @property
+    def even_d(self) -> bool:
+        return self.block_d == self.head_dim
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.q_heads
+
+    @staticmethod
+    def of(q: torch.Tensor, k: torch.Tensor) -> "Geometry":
+        batch, hq, n, d = q.shape
+        return Geometry(batch, hq, k.shape[1], n, d)
+
+
+@triton.jit
+def pow_b(u, b_exp, MODE: tl.constexpr):
+    """u^b for u >= 0 (0 where u == 0)."""
+    if MODE == 1:
+        return u * u
+    elif MODE == 2:
+        return u
+    else:
+        pos = u > 0
+        lg = tl.math.log2(tl.where(pos, u, 1.0))
+        return tl.where(pos, tl.math.exp2(b_exp * lg), 0.0)
+
+
+@triton.jit
+def pow_bm1(u, b_exp, MODE: tl.constexpr):
+    """u^(b - 1) on the support (u > 0), 0 elsewhere: the backward weight before normalisation."""
+    if MODE == 1:
+        return u
+    elif MODE == 2:
+        return tl.where(u > 0, 1.0, 0.0)
+    else:
+        pos = u > 0
+        lg = tl.math.log2(tl.where(pos, u, 1.0))
+        return tl.where(pos, tl.math.exp2((b_exp - 1.0) * lg), 0.0)
+
+
+@triton.jit
+def tau_terms(u, b_exp, MODE: tl.constexpr):
+    """Per-score terms of (sum u^b, sum u^(b-1), sum u^(b-2)) for f, f' and f''."""
+    if MODE == 1:
+        return u * u, u, tl.where(u > 0, 1.0, 0.0)
+    elif MODE == 2:
+        return u, tl.where(u > 0, 1.0, 0.0), u * 0.0
+    else:
+        pos = u > 0
+        lg = tl.math.log2(tl.where(pos, u, 1.0))
+        w = tl.where(pos, tl.math.exp2((b_exp - 2.0) * lg), 0.0)
+        wu = w * u
+        return wu * u, wu, w

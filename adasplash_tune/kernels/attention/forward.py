@@ -1,0 +1,131 @@
+"""Stage 3: the sparse forward. One program per (query tile, head) visits only the key tiles in its
+list: ``O = sum_j u^b v_j / sum_j u^b`` (renormalised, so a slightly inexact tau still gives a
+distribution). With ``need_stats`` it also stores ``1 / sum_j u^b`` per row for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import Config
+from .common import BIG, Geometry, alloc, alpha_mode, dot_precision, pow_b
+from .mask import TileLists
+
+__all__ = ["sparse_forward"]
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, LIST, i_lo, i_hi,
+               offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
+               MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(i_lo, i_hi):
+        j = tl.load(LIST + i)
+        cols = j * BN + offs_n
+        k_ptrs = K + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
+        if MASKED:
+            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+            k = tl.load(k_ptrs, mask=ld, other=0.0)
+            v = tl.load(v_ptrs, mask=ld, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        u = s * c - tau[:, None]
+        if MASKED:
+            valid = cols[None, :] < length
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            u = tl.where(valid, u, 0.0)
+        u = tl.maximum(u, 0.0)
+        p = pow_b(u, b_exp, MODE)
+        l_i += tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, TAU, O, INVL, LIST, COUNT, LENS,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    seq_len, H, GROUP, head_dim, n_qt, n_kt, c, b_exp,
+    MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, NEED_STATS: tl.constexpr,
+    EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = n_qt - 1 - tl.program_id(0)  # heaviest (causal) query tiles first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    kv_base = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    if HAS_VARLEN:
+        length = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), seq_len)
+    else:
+        length = seq_len
+    row_in = offs_m < seq_len
+    io_mask = row_in[:, None] & (offs_d[None, :] < head_dim)
+    q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    stat = pid_bh.to(tl.int64) * seq_len + offs_m
+    tau = tl.load(TAU + stat, mask=row_in, other=BIG)
+
+    row = pid_bh.to(tl.int64) * n_qt + pid_m
+    count = tl.load(COUNT + row * 2)
+    plain = tl.load(COUNT + row * 2 + 1)
+    lst = LIST + row * n_kt
+
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, lst, 0, plain,
+                          offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
+                          MODE, False, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
+    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, lst, plain, count,
+                          offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
+                          MODE, True, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    o = acc * inv[:, None]
+    tl.store(O + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], o.to(O.dtype.element_ty), mask=io_mask)
+    if NEED_STATS:
+        tl.store(INVL + stat, inv, mask=row_in)
+
+
+def sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tau: torch.Tensor,
+    lists: TileLists,
+    varlen: torch.Tensor | None,
+    alpha: float,
+    scale: float,
+    is_causal: bool,
+    config: Config,
+    *,
+    need_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out (B, Hq, N, D) in q's dtype, 1 / sum p (B*Hq, N) float32 or None).
+
+    q, k, v contiguous; ``lists`` built for (fwd_block_m, fwd_block_n) query-major tiles."""
+    geo = Geometry.of(q, k)
+    bm, bn = config["fwd_block_m"], config["fwd_block_n"]
+    out = alloc(q.shape, q.dtype, q.device)
+    inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if need_stats else None
+    lens = varlen if varlen is not None else tau
+    _fwd_kernel[(lists.n_own, geo.rows)](
+        q, k, v, tau, out, inv_l if need_stats else tau, lists.index, lists.count, lens,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        geo.seq_len, geo.q_heads, geo.group, geo.head_dim, lists.n_own, lists.n_cand,
+        (alpha - 1.0) * scale, 1.0 / (alpha - 1.0),
+        MODE=alpha_mode(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, NEED_STATS=need_stats,
+        EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
+        num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
+    )
+    return out, inv_l

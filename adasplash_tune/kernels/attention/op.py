@@ -1,0 +1,243 @@
+"""The Triton AdaSplash op: tau sweeps (+ block mask) -> tile lists -> sparse forward, and the sparse
+backward, as a ``torch.autograd.Function`` and as a forward/backward pair for the custom op.
+
+Nothing here synchronises with the host: buffers and grids depend on shapes only, loop counts are
+read on the device, so a call can be captured in a CUDA graph.
+
+Residuals kept for the backward (shapes depend on q only, not on the config):
+``stats`` (2, B, Hq, N) float32 = (tau, 1 / sum p) and ``mask`` (B * Hq * ceil(N/16)^2,) int8, of
+which the config's block mask uses the leading part.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Sequence
+
+import torch
+import triton
+
+from ..declarations.attention import TRITON, fit_triton_config
+from ..spec import Config
+from .backward import sparse_backward_kv, sparse_backward_q
+from .common import Geometry, poison_outputs
+from .forward import sparse_forward
+from .mask import TileLists, tile_lists
+from .tau import mask_shape, solve_tau
+
+__all__ = [
+    "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
+    "adasplash_triton_residuals", "checked_config", "forward_stages", "block_density", "poison_outputs",
+]
+
+log = logging.getLogger("adasplash_tune")
+
+_MIN_MASK_TILE = 16
+_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_SHAPE_KNOBS = tuple(n for n in TRITON.names if not TRITON.param(n).accuracy)
+
+
+def _context(q: torch.Tensor) -> dict[str, int]:
+    ctx = {"head_dim": int(q.shape[-1]), "dtype_bytes": _DTYPE_BYTES[q.dtype]}
+    if q.device.type == "cuda":
+        from ...device import fingerprint
+
+        smem = fingerprint(q.device).shared_mem
+        if smem:
+            ctx["max_shared_mem"] = int(smem)
+    return ctx
+
+
+def checked_config(config: Config | Any, q: torch.Tensor) -> Config:
+    """``config`` validated against this problem and device (shared-memory estimates included).
+
+    The built-in default is shrunk to fit problems it does not fit (large head dims in float32);
+    any other config that does not fit raises ConfigError before anything is compiled.
+    Memoised per (config, problem facts): a repeated call costs a dict lookup."""
+    cfg = config if isinstance(config, Config) else TRITON.validate(config)
+    return _checked(cfg, tuple(sorted(_context(q).items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked(config: Config, context: tuple[tuple[str, int], ...]) -> Config:
+    ctx = dict(context)
+    cfg = TRITON.validate(config)
+    if not TRITON.violations(cfg.as_dict(), ctx):
+        return cfg
+    default = TRITON.default()
+    if all(cfg[n] == default[n] for n in _SHAPE_KNOBS):
+        fitted = fit_triton_config(cfg, ctx)
+        log.debug("default triton config shrunk to fit %s: %s", ctx, fitted.as_dict())
+        return fitted
+    return TRITON.validate(cfg, ctx)  # raises ConfigError naming the violated constraint
+
+
+def _prepare(q, k, v, varlen):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if varlen is not None:
+        varlen = varlen.to(device=q.device, dtype=torch.int32).contiguous()
+    return q, k, v, varlen
+
+
+def _mask_capacity(geo: Geometry) -> int:
+    side = triton.cdiv(geo.seq_len, _MIN_MASK_TILE)
+    return geo.rows * side * side
+
+
+def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tensor:
+    """The fixed-size mask buffer with the config's part zeroed."""
+    tm, tn = mask_shape(geo, config)
+    mask = torch.empty(_mask_capacity(geo), dtype=torch.int8, device=device)
+    mask[: geo.rows * tm * tn].zero_()
+    return mask
+
+
+def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
+    geo = Geometry.of(q, k)
+    mask = _new_mask(geo, config, q.device)
+    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask)
+    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
+                       (config["fwd_block_m"], config["fwd_block_n"]), transposed=False)
+    out, inv_l = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
+                                need_stats=need_stats)
+    return out, tau, inv_l, mask
+
+
+def _backward(grad_out, q, k, v, tau, inv_l, mask, varlen, alpha, scale, is_causal, config,
+              need_kv: bool = True):
+    """(dq, dk, dv); dK/dV only with ``need_kv`` (dQ always runs: it computes delta)."""
+    geo = Geometry.of(q, k)
+    grad_out = grad_out.contiguous()
+    mask_tile = (config["mask_m"], config["mask_n"])
+    lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
+                       (config["bwd_q_block_m"], config["bwd_q_block_n"]), transposed=False)
+    dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config)
+    dk = dv = None
+    if need_kv:
+        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
+                           (config["bwd_block_m"], config["bwd_block_n"]), transposed=True)
+        dk, dv = sparse_backward_kv(q, k, v, grad_out, tau, inv_l, delta, lists, varlen, alpha, scale,
+                                    is_causal, config)
+    return dq, dk, dv
+
+
+class _AdaSplashTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, is_causal, varlen, scale, config):  # type: ignore[override]
+        need = any(ctx.needs_input_grad[:3])
+        qc, kc, vc, lens = _prepare(q, k, v, varlen)
+        out, tau, inv_l, mask = _forward(qc, kc, vc, alpha, is_causal, lens, scale, config, need)
+        if need:
+            ctx.save_for_backward(qc, kc, vc, tau, inv_l, mask, lens)
+            ctx.args = (alpha, scale, is_causal, config)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, tau, inv_l, mask, lens = ctx.saved_tensors
+        alpha, scale, is_causal, config = ctx.args
+        need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dq, dk, dv = _backward(grad_out, q, k, v, tau, inv_l, mask, lens, alpha, scale, is_causal,
+                               config, need_kv)
+        return (dq if ctx.needs_input_grad[0] else None), dk, dv, None, None, None, None, None
+
+
+def adasplash_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: float,
+    is_causal: bool,
+    varlen: torch.Tensor | None,
+    scale: float,
+    config: Config,
+) -> torch.Tensor:
+    """alpha-entmax attention with the Triton pipeline (inputs validated by the public API).
+
+    q (B, Hq, N, D), k/v (B, Hkv, N, D); returns q's shape and dtype; differentiable in q, k, v."""
+    cfg = checked_config(config, q)
+    if _interpreter_bf16(q):
+        out = _AdaSplashTriton.apply(q.float(), k.float(), v.float(), float(alpha), bool(is_causal), varlen,
+                                     float(scale), cfg)
+        return out.to(q.dtype)
+    return _AdaSplashTriton.apply(q, k, v, float(alpha), bool(is_causal), varlen, float(scale), cfg)
+
+
+def _interpreter_bf16(q: torch.Tensor) -> bool:
+    """Triton's CPU interpreter multiplies bfloat16 dot operands as their raw uint16 bits (seen in
+    triton 3.9), so on CPU bfloat16 runs through the float32 kernels."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- custom-op pair
+
+
+def adasplash_triton_residuals(q, k, v, config=None) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of the residuals :func:`adasplash_triton_forward` returns (config-free)."""
+    batch, heads, n, d = q.shape
+    side = triton.cdiv(n, _MIN_MASK_TILE)
+    return [((2, batch, heads, n), torch.float32), ((batch * heads * side * side,), torch.int8)]
+
+
+def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward for the custom op: (out, [stats, mask]); always keeps what the backward needs."""
+    cfg = checked_config(config, q)
+    qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
+    out, tau, inv_l, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, True)
+    out = out.to(q.dtype)
+    batch, heads, n, _ = q.shape
+    stats = torch.stack((tau, inv_l)).view(2, batch, heads, n)
+    return out, [stats, mask]
+
+
+def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.Tensor], alpha, is_causal, varlen,
+                              scale, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward for the custom op, from :func:`adasplash_triton_forward`'s residuals."""
+    cfg = checked_config(config, q)
+    qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
+    stats, mask = residuals
+    batch, heads, n, _ = q.shape
+    tau = stats[0].reshape(batch * heads, n).contiguous()
+    inv_l = stats[1].reshape(batch * heads, n).contiguous()
+    dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, tau, inv_l, mask, lens, float(alpha),
+                           float(scale), bool(is_causal), cfg)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _compute_dtype(q, k, v):
+    if _interpreter_bf16(q):
+        return q.float(), k.float(), v.float()
+    return q, k, v
+
+
+# --------------------------------------------------------------------------- inspection (bench, tests)
+
+
+def forward_stages(q, k, v, alpha: float, is_causal: bool, varlen, scale: float, config: Config) -> dict[str, Any]:
+    """Run the forward stage by stage and return the intermediates: ``tau`` (B*Hq, N) in z units,
+    ``mask`` (B*Hq, TM, TN) int8, ``lists`` (TileLists of the forward tiling) and ``out``."""
+    cfg = checked_config(config, q)
+    qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
+    out, tau, _, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, False)
+    geo = Geometry.of(qc, kc)
+    tm, tn = mask_shape(geo, cfg)
+    mask = mask[: geo.rows * tm * tn].view(geo.rows, tm, tn)
+    lists: TileLists = tile_lists(mask, geo, lens, is_causal, (cfg["mask_m"], cfg["mask_n"]),
+                                  (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)
+    return {"tau": tau, "mask": mask, "lists": lists, "out": out, "config": cfg}
+
+
+def block_density(mask: torch.Tensor, seq_len: int, mask_tile: tuple[int, int], is_causal: bool) -> float:
+    """Share of active mask tiles among the tiles holding any valid (query, key) pair (the lower
+    triangle when causal). ``mask``: (B*Hq, TM, TN). Synchronises (host float): for reports only."""
+    tm, tn = mask.shape[-2:]
+    mm, mn = mask_tile
+    if is_causal:
+        rows = torch.arange(tm, device=mask.device).view(tm, 1)
+        cols = torch.arange(tn, device=mask.device).view(1, tn)
+        region = (cols * mn <= torch.clamp((rows + 1) * mm - 1, max=seq_len - 1))
+    else:
+        region = torch.ones(tm, tn, dtype=torch.bool, device=mask.device)
+    total = region.sum().item() * mask.shape[0]
+    return float((mask.bool() & region).sum().item() / max(total, 1))

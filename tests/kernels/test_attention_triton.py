@@ -1,0 +1,285 @@
+"""The Triton AdaSplash pipeline (backend="triton") against the fp64 oracle.
+
+On CPU the kernels run under Triton's interpreter at tiny sizes; the ``gpu`` tests repeat the cases
+on CUDA in every dtype and add long sequences. Every case runs at two or more config points (tile
+shapes decoupled from the mask tile, early exit on or off), so a knob that breaks correctness shows.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import adasplash_tune
+from adasplash_tune.kernels.attention import op
+from adasplash_tune.kernels.declarations.attention import TRITON, fit_triton_config
+from adasplash_tune.kernels.reference import attention_reference, relative_error, tolerance
+from adasplash_tune.kernels.spec import ConfigError
+
+# (B, Hq, Hkv, N, D, alpha, causal, varlen lengths or None)
+CASES = [
+    (1, 1, 1, 1, 16, 1.5, False, None),
+    (1, 2, 1, 33, 16, 1.5, True, None),
+    (2, 2, 2, 100, 48, 1.25, False, (100, 37)),
+    (1, 2, 2, 100, 80, 2.0, True, None),
+    (2, 4, 2, 33, 80, 1.25, True, (0, 20)),
+    (1, 1, 1, 100, 16, 2.0, False, (63,)),
+    (1, 2, 1, 64, 48, 1.5, False, None),
+]
+
+#: every tile 16 (mask tile = compute tiles), fixed iteration count
+SMALL = dict(tau_block_m=16, tau_block_n=16, mask_m=16, mask_n=16, fwd_block_m=16, fwd_block_n=16,
+             bwd_block_m=16, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=16, niter=10, tau_tol=0.0,
+             tau_init="lo", mask_source="sweeps")
+#: compute tiles decoupled from a non-square mask tile, mask from the max sweep, early exit on
+MIXED = dict(tau_block_m=32, tau_block_n=32, mask_m=16, mask_n=32, fwd_block_m=32, fwd_block_n=64,
+             bwd_block_m=16, bwd_block_n=64, bwd_q_block_m=64, bwd_q_block_n=32, niter=12, tau_tol=0.003,
+             tau_init="mid", fwd_warps=2, bwd_warps=2, tau_stages=1)
+CONFIGS = {"small": SMALL, "mixed": MIXED}
+
+
+def _inputs(case, dtype, device, seed=0):
+    batch, hq, hkv, n, d, alpha, causal, lens = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+               for h in (hq, hkv, hkv))
+    varlen = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k, v, alpha, causal, varlen
+
+
+def _check(case, config, dtype, device, *, poison=False, grads=True):
+    q, k, v, alpha, causal, varlen = _inputs(case, dtype, device)
+    with op.poison_outputs() if poison else nullcontext():
+        out = adasplash_tune.adasplash(q, k, v, alpha, causal, varlen, backend="triton", config=config)
+        grad = torch.randn_like(out)
+        if grads:
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not torch.isnan(out).any(), "output element left unwritten (NaN)"
+    ref = attention_reference(q, k, v, alpha, causal, varlen)
+    err = relative_error(out, ref)
+    assert err <= tolerance(dtype), f"forward error {err:.2e}"
+    if varlen is not None:  # rows past a length are exactly zero
+        for b, length in enumerate(varlen.tolist()):
+            assert torch.all(out[b, :, length:] == 0)
+    if not grads:
+        return
+    refs = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, got, want in zip("qkv", (dq, dk, dv), refs):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert not torch.isnan(got).any(), f"d{name} element left unwritten (NaN)"
+        gerr = relative_error(got, want)
+        assert gerr <= tolerance(dtype, grad=True), f"d{name} error {gerr:.2e}"
+
+
+def _case_id(case):
+    batch, hq, hkv, n, d, alpha, causal, lens = case
+    return f"B{batch}H{hq}/{hkv}N{n}D{d}a{alpha}{'c' if causal else ''}{'v' if lens else ''}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_and_gradients_match_oracle(case, name, triton_device):
+    _check(case, CONFIGS[name], torch.float32, triton_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype, triton_device):
+    _check((1, 2, 1, 33, 48, 1.5, True, None), MIXED, dtype, triton_device)
+
+
+def test_every_output_element_is_written(triton_device):
+    """Outputs and gradients allocated NaN-filled come back without NaN (ragged N, empty rows)."""
+    _check((2, 2, 1, 37, 80, 1.5, True, (0, 29)), MIXED, torch.float32, triton_device, poison=True)
+
+
+def test_default_config_with_accuracy_knobs(triton_device):
+    """The declared default (128-row tiles on a 100-row problem) and an explicit niter override."""
+    _check((1, 2, 1, 100, 16, 1.5, False, None), None, torch.float32, triton_device)
+    q, k, v, alpha, causal, _ = _inputs((1, 1, 1, 50, 16, 1.75, True, None), torch.float32, triton_device)
+    ref = attention_reference(q, k, v, alpha, causal)
+    out = adasplash_tune.adasplash(q, k, v, alpha, causal, niter=12, backend="triton",
+                                   config={"tau_tol": 0.0, "tau_init": "lo"})
+    assert relative_error(out, ref) <= tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("source", ["max", "sweeps"])
+def test_block_mask_covers_the_support(source, triton_device):
+    """Every (query, key) pair with p > 0 lies in an active mask tile; lists match the mask."""
+    case = (1, 2, 1, 100, 16, 1.5, False, None)
+    q, k, v, alpha, causal, _ = _inputs(case, torch.float32, triton_device)
+    q = q.detach() * 2
+    k = q[:, :1].detach().clone()  # each query attends mostly to its own key: a sparse support
+    cfg = TRITON.validate(dict(MIXED, mask_source=source))
+    stages = op.forward_stages(q, k, v.detach(), alpha, causal, None, 0.25, cfg)
+    mask = stages["mask"].cpu()
+    z = 0.25 * (q.double() @ k.double().transpose(-1, -2)).cpu()
+    from adasplash_tune.kernels.reference import entmax_reference
+
+    p = entmax_reference(z, alpha)[0]
+    tiles = mask.repeat_interleave(cfg["mask_m"], 1).repeat_interleave(cfg["mask_n"], 2)[:, :100, :100]
+    assert torch.all(tiles[(p > 0)]), "a supported pair lies in an inactive mask tile"
+    density = op.block_density(stages["mask"], 100, (cfg["mask_m"], cfg["mask_n"]), causal)
+    assert 0 < density < 1
+    # query-major lists: entries are the active compute tiles, sorted, within the counts
+    lists = stages["lists"]
+    count = lists.count.cpu()
+    index = lists.index.cpu()
+    r_m, r_n = cfg["fwd_block_m"] // cfg["mask_m"], cfg["fwd_block_n"] // cfg["mask_n"]
+    for bh in range(mask.shape[0]):
+        for qt in range(lists.n_own):
+            block = mask[bh, qt * r_m:(qt + 1) * r_m]
+            want = [j for j in range(lists.n_cand) if block[:, j * r_n:(j + 1) * r_n].any()]
+            total, lead = count[bh, qt].tolist()
+            assert index[bh, qt, :total].tolist() == want
+            assert 0 <= lead <= total
+
+
+def test_tau_threshold_matches_oracle(triton_device):
+    """The returned tau (z units) gives rows summing to one."""
+    q, k, v, alpha, causal, _ = _inputs((1, 1, 1, 64, 16, 1.25, False, None), torch.float32, triton_device)
+    cfg = TRITON.validate(SMALL)
+    tau = op.forward_stages(q.detach(), k.detach(), v.detach(), alpha, causal, None, 0.25, cfg)["tau"].cpu()
+    z = (alpha - 1) * 0.25 * (q.detach() @ k.detach().transpose(-1, -2)).cpu().double()[0, 0]
+    mass = (z - tau.double()[0, :, None]).clamp(min=0).pow(1 / (alpha - 1)).sum(-1)
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
+
+
+def test_custom_op_pair_matches_autograd_function(triton_device):
+    case = (2, 2, 1, 33, 48, 1.5, True, (33, 12))
+    q, k, v, alpha, causal, varlen = _inputs(case, torch.float32, triton_device)
+    cfg = TRITON.validate(MIXED)
+    out = op.adasplash_triton(q, k, v, alpha, causal, varlen, 0.2, cfg)
+    grad = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), grad)
+    with torch.no_grad():
+        out2, residuals = op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, 0.2, cfg)
+        shapes = op.adasplash_triton_residuals(q, k, v, None)
+        assert [(tuple(r.shape), r.dtype) for r in residuals] == shapes
+        got = op.adasplash_triton_backward(grad, q, k, v, out2, residuals, alpha, causal, varlen, 0.2, cfg)
+    assert torch.equal(out2, out.detach())
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= 1e-6
+
+
+def test_shared_memory_constraint_rejects_before_launch(monkeypatch):
+    context = {"head_dim": 256, "dtype_bytes": 4, "max_shared_mem": 100 * 1024}
+    big = dict(SMALL, fwd_block_m=128, fwd_block_n=128, fwd_stages=4)
+    with pytest.raises(ConfigError, match="fwd shared-memory estimate"):
+        TRITON.validate(big, context)
+    # the op checks the device limit first: no kernel is ever compiled for it
+    q = torch.randn(1, 1, 32, 256)
+    monkeypatch.setattr(op, "_context", lambda t: context)
+    monkeypatch.setattr(op, "_forward", lambda *a, **kw: pytest.fail("launched an invalid config"))
+    with pytest.raises(ConfigError, match="shared-memory"):
+        op.adasplash_triton(q, q, q, 1.5, False, None, 0.1, TRITON.validate(big))
+    # the built-in default is shrunk to fit instead
+    fitted = op.checked_config(TRITON.default(), q)
+    assert fitted == fit_triton_config(TRITON.default(), context)
+    assert not TRITON.violations(fitted.as_dict(), context)
+
+
+def test_declaration_constraints():
+    with pytest.raises(ConfigError, match="fwd_block_n % mask_n == 0"):
+        TRITON.validate(dict(MIXED, fwd_block_n=16))
+    with pytest.raises(ConfigError, match="tau_block_n % mask_n == 0"):
+        TRITON.validate(dict(MIXED, tau_block_n=16))
+    assert TRITON.param("niter").accuracy and TRITON.param("tau_tol").accuracy
+    # tile shapes are independent knobs: forward tiles coarser than, and unequal to, the mask tile
+    cfg = TRITON.validate(MIXED)
+    assert (cfg["fwd_block_m"], cfg["fwd_block_n"]) != (cfg["mask_m"], cfg["mask_n"])
+
+
+def test_head_dim_above_256_is_rejected_before_launch(monkeypatch, triton_device):
+    monkeypatch.setattr(op, "_forward", lambda *a, **kw: pytest.fail("launched"))
+    q = torch.randn(1, 1, 8, 272, device=triton_device)
+    with pytest.raises(ValueError, match="head dim"):
+        adasplash_tune.adasplash(q, q, q, backend="triton")
+
+
+def test_cpu_smoke_benchmark(tmp_path, triton_device):
+    if triton_device != "cpu":
+        pytest.skip("the smoke mode is the CPU interpreter's")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    results = bench.main(["--cpu-smoke", "--out", str(out)])
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["rows"] and data["rows"] == results["rows"]
+    ours = [r for r in data["rows"] if r["impl"] == "ours"]
+    assert ours and all(r["fwd_ms"] > 0 and r["fwd_err"] <= tolerance(torch.float32) for r in ours)
+    assert all(0 < r["density"] <= 1 for r in ours)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+# every case in bfloat16 at two configs, and in float32 / float16 at one (compiles stay few)
+GPU_MATRIX = (
+    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default")]
+    + [(case, "small", torch.float32) for case in CASES]
+    + [(CASES[1], "mixed", torch.float16), (CASES[4], "default", torch.float16),
+       (CASES[3], "default", torch.float32)]
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,name,dtype", GPU_MATRIX,
+                         ids=[f"{_case_id(c)}-{n}-{str(d)[6:]}" for c, n, d in GPU_MATRIX])
+def test_gpu_cases(case, name, dtype):
+    _check(case, CONFIGS.get(name), dtype, "cuda", poison=True)
+
+
+LARGE = [
+    (1, 2, 1, 4096, 64, 1.5, False, None),
+    (1, 2, 2, 4096, 64, 1.5, True, (4096,)),
+    (1, 2, 1, 4096, 128, 2.0, True, None),
+    (1, 1, 1, 4096, 80, 1.25, False, None),
+    (1, 1, 1, 16384, 64, 1.5, True, None),
+    (1, 1, 1, 16384, 64, 1.5, False, None),
+]
+
+
+LARGE_MATRIX = [(case, torch.bfloat16) for case in LARGE] + [(LARGE[3], torch.float32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,dtype", LARGE_MATRIX,
+                         ids=[f"{_case_id(c)}-{str(d)[6:]}" for c, d in LARGE_MATRIX])
+def test_gpu_large(case, dtype):
+    _check(case, None, dtype, "cuda", poison=True)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """No host synchronisation: forward + backward capture in a CUDA graph and replay exactly."""
+    case = (2, 4, 2, 1000, 64, 1.5, True, (1000, 517))
+    q, k, v, alpha, causal, varlen = _inputs(case, torch.bfloat16, "cuda")
+    cfg = TRITON.default()
+    grad = torch.randn_like(q)
+
+    def step():
+        out = op.adasplash_triton(q, k, v, alpha, causal, varlen, 0.125, cfg)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()  # warm-up: compiles every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
