@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from adasplash_tune.kernels.registry import get_spec
+
 import pytest
 
 from adasplash_tune.cache.store import StoreError, open_store
@@ -100,10 +102,7 @@ def test_import_rejects_invalid_rows_and_keeps_valid_ones(store, make_entry, tmp
 def test_import_rejects_violated_constraint(make_entry, tmp_path):
     entry = make_entry(key=attn_key(seq=512, backend="triton"))
     entry.backend = "triton"
-    spec_cfg = {"tau_block_m": 64, "tau_block_n": 64, "tau_warps": 4, "tau_stages": 2, "niter": 8,
-                "mask_m": 64, "mask_n": 64, "fwd_block_m": 32, "fwd_block_n": 64, "fwd_warps": 4,
-                "fwd_stages": 2, "bwd_block_m": 64, "bwd_block_n": 64, "bwd_warps": 4,
-                "bwd_stages": 2}
+    spec_cfg = dict(get_spec("adasplash", "triton").default().as_dict(), mask_m=64, fwd_block_m=32)
     good = dict(entry.to_dict(), config=dict(spec_cfg, fwd_block_m=128))
     bad = dict(entry.to_dict(), config=spec_cfg)  # fwd_block_m 32 is not a multiple of mask_m 64
     path = tmp_path / "constraint.json"

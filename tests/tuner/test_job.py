@@ -21,10 +21,15 @@ CENTRE = {"tau_block_m": 32, "tau_block_n": 128, "mask_m": 32, "mask_n": 64, "fw
 
 
 def _triton_job(store, storage_url, evaluator, *, trials=150, strategy="grid", **options):
-    bounded = {"tau_warps": (4,), "tau_stages": (2,), "niter": (8,), "fwd_stages": (2,), "bwd_stages": (2,),
+    default = get_spec("adasplash", "triton").default().as_dict()
+    fixed = ("tau_warps", "tau_stages", "niter", "fwd_stages", "bwd_stages", "tau_init", "tau_tol", "mask_source",
+             "bwd_q_warps", "bwd_q_stages")
+    bounded = {**{name: (default[name],) for name in fixed},
                "tau_block_m": (32, 64), "tau_block_n": (64, 128), "mask_m": (32, 64), "mask_n": (32, 64),
                "fwd_block_m": (64, 128), "fwd_block_n": (64, 128), "fwd_warps": (4, 8),
-               "bwd_block_m": (32, 64), "bwd_block_n": (64, 128), "bwd_warps": (4, 8)}
+               "bwd_block_m": (32, 64), "bwd_block_n": (64, 128), "bwd_warps": (4, 8),
+               # knobs the synthetic table ignores: held at one value
+               "bwd_q_block_m": (64,), "bwd_q_block_n": (64,)}
     opts = TuneOptions(strategy=strategy, trials=trials, storage=storage_url, seed=5, restrict=bounded, **options)
     events = []
     job = TuneJob([PROBLEM], kernel="adasplash", backend="triton", store=store, options=opts, evaluator=evaluator,
