@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="random/TPE budget as a fraction of the exhaustive trial count")
     parser.add_argument("--throughput-trials", type=int, default=None, help="trials of the compile-throughput runs")
     parser.add_argument("--compile-workers", type=int, default=None, help="parallel compile processes (GPU)")
+    parser.add_argument("--max-problems", type=int, default=None, help="study only the first N problems")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     fp = fingerprint(device)
     report: dict[str, Any] = {"device": fp.as_dict(), "backend": backend, "limit": limit, "problems": [],
                               "quality": [], "throughput": [], "objective": None}
-    for problem in _problems(smoke):
+    for problem in _problems(smoke)[: args.max_problems]:
         space = build_space("adasplash", backend, target=target_of(backend, fp),
                             context={**problem.context(), **device_context(fp)})
         restrict = bounded_choices(space, limit)
