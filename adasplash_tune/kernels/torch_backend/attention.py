@@ -296,9 +296,7 @@ def adasplash_torch(
     ``k_chunk`` and ``niter``. Computes in float32 (float64 for float64 inputs) and returns q's
     dtype; differentiable w.r.t. q, k and v.
     """
-    plan = _Plan(q, k, float(alpha), bool(is_causal), varlen, float(scale),
-                 _knob(config, "q_chunk"), _knob(config, "k_chunk"))
-    niter = _knob(config, "niter")
+    plan, niter = _plan_for(q, k, alpha, is_causal, varlen, scale, config)
     log.debug("adasplash torch: q %s k %s alpha=%s causal=%s varlen=%s q_chunk=%d k_chunk=%d niter=%d",
               tuple(q.shape), tuple(k.shape), alpha, is_causal, varlen is not None, plan.q_chunk,
               plan.k_chunk, niter)
