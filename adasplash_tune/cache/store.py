@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, false, func, inspect, select
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, contains_eager, lazyload, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -47,6 +47,7 @@ log = logging.getLogger("adasplash_tune")
 
 POLICIES = ("faster", "newer", "keep")
 BUSY_TIMEOUT_S = 60.0
+_SCHEMA_ATTEMPTS = 5  # opening a server database whose schema a concurrent opener is creating
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _OLDEST = datetime.min.replace(tzinfo=timezone.utc)
 
@@ -251,7 +252,16 @@ class ConfigStore:
     def _open(cls, engine: Engine, location: str, *, readonly: bool) -> "ConfigStore":
         store = cls(engine, location, readonly=readonly)
         try:
-            store._prepare_schema()
+            for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+                try:
+                    store._prepare_schema()
+                    break
+                except (IntegrityError, ProgrammingError):
+                    # a server database another process is creating at this moment (its tables
+                    # or types "already exist"): its schema is complete once it commits
+                    if store._is_sqlite or attempt == _SCHEMA_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
         except StoreError:
             engine.dispose()
             raise

@@ -137,9 +137,11 @@ class _Progress:
 @click.option("--cache", default=None, help=CACHE_HELP)
 @click.option("--from-record", type=click.Path(exists=True, dir_okay=False),
               help="Tune the problems in an ADASPLASH_TUNE_RECORD file, most frequent first.")
-@click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list (timing uses the first for now).")
+@click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list: one evaluation worker per GPU, all "
+              "feeding one study and one cache (the GPUs must be the same model; default: GPU 0).")
 @click.option("--storage", default=None, help="Optuna storage URL for the studies (default: studies.sqlite "
-              "beside the cache). Re-running the same command resumes from it.")
+              "beside the cache). Re-running the same command resumes from it; tuners on several hosts "
+              "pointed at one database server share the trials.")
 @click.option("--seed", type=int, default=None, help="Seed for inputs and samplers (default: fresh).")
 @click.option("--backward/--forward-only", default=None,
               help="Tune forward+backward time (default: when the kernel declares backward knobs).")
@@ -165,9 +167,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     has_gpu = torch.cuda.is_available()
     backend = resolve_backend(backend, has_gpu)
-    device = f"cuda:{gpus[0] if gpus else 0}" if has_gpu else "cpu"
-    if gpus and len(gpus) > 1:
-        click.echo(f"note: evaluating on GPU {gpus[0]} only (one worker per GPU is not implemented yet)", err=True)
+    devices = tuple(f"cuda:{g}" for g in gpus) if gpus else (("cuda:0",) if has_gpu else ("cpu",))
     if from_record:
         try:
             recorded = problems_from_record(from_record, kernel)
@@ -187,7 +187,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
         compile_workers = min(8, os.cpu_count() or 1) if (backend == "triton" and has_gpu) else 0
     options = TuneOptions(
         strategy=strategy, trials=trials or _DEFAULTS[(kernel, has_gpu)]["trials"], time_budget=time_budget,
-        seed=seed, backward=backward, storage=storage, cache=cache, device=device,
+        seed=seed, backward=backward, storage=storage, cache=cache, devices=devices,
         compile_workers=compile_workers, trial_timeout=trial_timeout,
     )
     try:
@@ -213,8 +213,8 @@ def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) 
         click.echo(json.dumps([{
             "problem": r.problem.to_dict(), "key": r.key, "status": r.status, "config": r.config,
             "time_ms": r.time_ms, "spread_ms": r.spread_ms, "default_ms": r.default_ms, "speedup": r.speedup,
-            "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "failures": r.failures,
-            "objective": r.objective, "stored": r.stored, "front": r.front,
+            "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "evaluated": r.evaluated,
+            "failures": r.failures, "objective": r.objective, "stored": r.stored, "front": r.front,
         } for r in results], indent=2, default=str))
         return
     click.echo(format_summary(results))

@@ -1,5 +1,8 @@
 """Evaluation: compile candidates in parallel worker processes, time them serially on the device.
 
+``EvaluatorPool`` runs one ``Evaluator`` per device (``tune --gpus 0,1``): trials are timed on
+several devices at once, each device still serially.
+
 Each trial runs in a worker process (``tuner.worker``), never in the tuner's own process: a
 compile error or an exception comes back as a typed status; a timeout, a dead process (crash,
 ``os._exit``, segfault) or a CUDA error that poisons the context is turned into a typed result
@@ -14,8 +17,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +27,7 @@ from .problems import Problem
 from .timing import TimingOptions
 from .worker import FAULT_ENV, run_trial
 
-__all__ = ["TrialRequest", "TrialResult", "Evaluator", "EvaluationError", "STATUSES"]
+__all__ = ["TrialRequest", "TrialResult", "Evaluator", "EvaluatorPool", "EvaluationError", "STATUSES"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -263,6 +267,91 @@ class Evaluator:
         self._pool = []
 
     def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class EvaluatorPool:
+    """Several evaluators (one per device) timing trials concurrently, each device serially.
+
+    ``submit(request)`` returns a Future of the :class:`TrialResult`, timed on whichever device
+    is free first; ``capacity`` is the number of devices. ``compile`` goes to the first
+    evaluator's compile pool (kernels compiled once are in Triton's on-disk cache for every
+    device of the host). ``usage[i]`` counts the trials timed on evaluator ``i``. Evaluators may
+    be any objects with ``evaluate``, ``compile``, ``compile_workers`` and ``close`` (tests use
+    table evaluators).
+    """
+
+    def __init__(self, evaluators: Sequence[Any]) -> None:
+        if not evaluators:
+            raise ValueError("an evaluator pool needs at least one evaluator")
+        self.evaluators = list(evaluators)
+        self.usage = [0] * len(self.evaluators)
+        self._free: queue.Queue[int] = queue.Queue()
+        for index in range(len(self.evaluators)):
+            self._free.put(index)
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def for_devices(cls, devices: Sequence[str], *, compile_workers: int = 0, **kwargs: Any) -> "EvaluatorPool":
+        """One :class:`Evaluator` per device; only the first owns a compile pool."""
+        return cls([Evaluator(device, compile_workers=compile_workers if i == 0 else 0, **kwargs)
+                    for i, device in enumerate(devices)])
+
+    @property
+    def capacity(self) -> int:
+        return len(self.evaluators)
+
+    @property
+    def compile_workers(self) -> int:
+        return int(getattr(self.evaluators[0], "compile_workers", 0))
+
+    def submit(self, request: TrialRequest) -> "Future[TrialResult]":
+        """Time ``request`` on the first free device (in a pool thread)."""
+        with self._lock:
+            if self._closed:
+                raise EvaluationError("the evaluator pool is closed")
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.capacity,
+                                                    thread_name_prefix="adasplash-tune-device")
+            return self._executor.submit(self._run, request)
+
+    def evaluate(self, request: TrialRequest) -> TrialResult:
+        """One trial, waiting for its result (baselines and fixed points)."""
+        return self.submit(request).result()
+
+    def compile(self, requests: Sequence[TrialRequest]) -> list[TrialResult]:
+        return self.evaluators[0].compile(requests)
+
+    def _run(self, request: TrialRequest) -> TrialResult:
+        index = self._free.get()
+        try:
+            if self._closed:  # closing while this trial waited for a device: start no worker
+                return TrialResult("crash", "evaluation stopped (the pool was closed)")
+            return self.evaluators[index].evaluate(request)
+        finally:
+            with self._lock:
+                self.usage[index] += 1
+            self._free.put(index)
+
+    def close(self) -> None:
+        """Cancel queued trials, stop every evaluator's workers (a trial still running comes back
+        as a crash), then join the threads."""
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        for evaluator in self.evaluators:
+            evaluator.close()
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def __enter__(self) -> "EvaluatorPool":
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -7,6 +7,12 @@ trial is checked against the fp64 oracle in a worker process and written to the 
 as soon as it finishes; the best valid config is upserted into the cache each time it improves.
 Re-running the same job resumes its studies instead of starting over.
 
+Several devices (``TuneOptions.devices``, ``tune --gpus 0,1``) each get an evaluation worker;
+the search then times one trial per device at once (batches compiled first when there is a
+compile pool) and tells results as they complete, still with one study and one cache writer
+(this process). Several jobs (processes, hosts) may share one study storage and one cache: see
+``tuner.search`` for how they cooperate.
+
 The objective is the measured time of what the job tunes: the forward pass, or forward +
 backward when the job tunes backward (by default: when the kernel declares backward knobs).
 The Pareto mode (strategy ``nsga2``) instead explores the accuracy knobs for the time x error
@@ -18,11 +24,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from ..kernels.registry import get_spec
-from .evaluate import Evaluator, TrialRequest, TrialResult
+from .evaluate import Evaluator, EvaluatorPool, TrialRequest, TrialResult
 from .problems import Problem
 from .search import Outcome, StageSearch, TraceRow
 from .space import SearchSpace, build_space, device_context, target_of
@@ -49,6 +56,9 @@ class TuneOptions:
     storage: str | None = None  # Optuna storage URL; None: beside the user cache
     cache: str | None = None  # the cache location (only used to place the default storage)
     device: str = "cpu"
+    #: Devices to time on, one evaluation worker each (None: ``device`` alone). The first one
+    #: is the device the results are stored for; all must be the same model.
+    devices: Sequence[str] | None = None
     compile_workers: int = 0
     threads: int | None = None  # torch threads in the timing worker (None: 1 on CPU)
     trial_timeout: float = 300.0
@@ -66,7 +76,18 @@ class TuneOptions:
             raise ValueError(f"accuracy headroom must be in (0, 1], got {self.accuracy_headroom!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time budget must be positive seconds, got {self.time_budget!r}")
+        if self.devices is not None:
+            if isinstance(self.devices, str) or not self.devices or not all(
+                    isinstance(d, str) and d for d in self.devices):
+                raise ValueError(f"devices must be a non-empty list of device names, got {self.devices!r}")
+            self.devices = tuple(self.devices)
+            self.device = self.devices[0]
         get_strategy(self.strategy)  # unknown names fail here, before any work
+
+    @property
+    def device_list(self) -> tuple[str, ...]:
+        """The devices trials are timed on."""
+        return tuple(self.devices) if self.devices is not None else (self.device,)
 
 
 @dataclass
@@ -94,7 +115,8 @@ class ProblemResult:
     default_ms: float | None = None
     error: float | None = None
     grad_error: float | None = None
-    trials: int = 0
+    trials: int = 0  # counted trials of the problem's studies (other runs' included)
+    evaluated: int = 0  # trials this run evaluated
     failures: int = 0
     stored: bool = False
     objective: str = "fwd"
@@ -113,6 +135,20 @@ def stage_budgets(total: int, stages: int) -> list[int]:
     """``total`` trials split evenly over ``stages`` (earlier stages take the remainder; >= 1 each)."""
     base, rest = divmod(total, stages)
     return [max(1, base + (1 if i < rest else 0)) for i in range(stages)]
+
+
+def _then(future: "Future[TrialResult]", convert: Callable[[TrialResult], Outcome]) -> "Future[Outcome]":
+    """A future of ``convert(result)`` (errors pass through)."""
+    out: Future[Outcome] = Future()
+
+    def done(source: "Future[TrialResult]") -> None:
+        try:
+            out.set_result(convert(source.result()))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on ``out``
+            out.set_exception(exc)
+
+    future.add_done_callback(done)
+    return out
 
 
 def _outcome(result: TrialResult) -> Outcome:
@@ -157,6 +193,8 @@ class TuneJob:
         self.evaluator = evaluator
         self.seed = self.options.seed if self.options.seed is not None else random.randrange(1, 2**31)
         self.strategy_cls = get_strategy(self.options.strategy)
+        #: Trials timed per evaluator of a multi-device run (filled by ``run``).
+        self.device_usage: list[int] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -199,11 +237,7 @@ class TuneJob:
 
         storage = open_storage(self.options.storage or default_storage_url(self.options.cache))
         if self.evaluator is None:
-            threads = self.options.threads
-            if threads is None and not str(self.options.device).startswith("cuda"):
-                threads = 1  # one thread times small CPU problems far more steadily
-            self.evaluator = Evaluator(self.options.device, trial_timeout=self.options.trial_timeout,
-                                       compile_workers=self.options.compile_workers, threads=threads)
+            self.evaluator = self._make_evaluator()
         deadline = None if self.options.time_budget is None else time.monotonic() + self.options.time_budget
         results: list[ProblemResult] = []
         try:
@@ -216,10 +250,31 @@ class TuneJob:
                     share = time.monotonic() + (deadline - time.monotonic()) / (len(self.problems) - index)
                 results.append(self._tune(problem, index, storage, share, optuna))
         finally:
+            if isinstance(self.evaluator, EvaluatorPool):
+                self.device_usage = list(self.evaluator.usage)
             if self._own_evaluator and self.evaluator is not None:
                 self.evaluator.close()
                 self.evaluator = None
         return results
+
+    def _make_evaluator(self) -> Evaluator | EvaluatorPool:
+        """One evaluator, or a pool of one per device (all of the fingerprinted model)."""
+        devices = self.options.device_list
+        threads = self.options.threads
+        if threads is None and not str(devices[0]).startswith("cuda"):
+            threads = 1  # one thread times small CPU problems far more steadily
+        kwargs = {"trial_timeout": self.options.trial_timeout, "threads": threads}
+        if len(devices) == 1:
+            return Evaluator(devices[0], compile_workers=self.options.compile_workers, **kwargs)
+        if any(str(d).startswith("cuda") for d in devices):
+            from ..device import fingerprint as device_fingerprint
+
+            for device in devices[1:]:
+                other = device_fingerprint(device).as_dict()
+                if other.get("device_id") != self.fingerprint.get("device_id"):
+                    raise ValueError(f"{device} is a {other.get('name')}, {devices[0]} a "
+                                     f"{self.fingerprint.get('name')}: tune different GPU models in separate runs")
+        return EvaluatorPool.for_devices(devices, compile_workers=self.options.compile_workers, **kwargs)
 
     def _tune(self, problem: Problem, index: int, storage: Any, deadline: float | None, optuna: Any) -> ProblemResult:
         t0 = time.monotonic()
@@ -243,6 +298,11 @@ class TuneJob:
             reqs = [self._request(problem, space, v, backward) for v in batch]
             compiled = self.evaluator.compile(reqs)
             return [None if r.ok else _outcome(r) for r in compiled]
+
+        workers = int(getattr(self.evaluator, "capacity", 1))
+
+        def submit(values: Mapping[str, Any]) -> "Future[Outcome]":
+            return _then(self.evaluator.submit(self._request(problem, space, values, backward)), _outcome)
 
         carry = 0  # trials a stage left unused because its space ran out go to the next stage
         for stage_index, ((stage, free), budget) in enumerate(zip(plan, budgets)):
@@ -276,17 +336,22 @@ class TuneJob:
                                                 base + row.index, sum(budgets), best[1].objective if best else None,
                                                 outcome.status))
 
+            concurrent = workers > 1
             search = StageSearch(
                 study, strategy, space, budget=budget, evaluate=evaluate, deadline=stage_deadline,
                 prepare=prepare if self.evaluator.compile_workers > 0 else None,
                 batch=max(1, self.evaluator.compile_workers), start=best_values, on_trial=on_trial,
+                submit=submit if concurrent else None, workers=workers,
             )
             stage_result = search.run()
             counted_before += stage_result.counted
+            result.evaluated += stage_result.evaluated
             carry = budget - stage_result.counted if stage_result.exhausted else 0
             result.failures += stage_result.failures
-            if stage_result.best is not None and (best is None or stage_result.best.objective < best[1].objective):
-                best = (stage_result.best_values, stage_result.best)  # found in an earlier run
+            if stage_result.best is not None and (best is None or stage_result.best.objective <= best[1].objective):
+                # found in an earlier run or by another tuner; on a tie the stage's choice, which
+                # every tuner sharing the study makes alike
+                best = (stage_result.best_values, stage_result.best)
                 result.stored = self._upsert(problem, space, best, counted_before) or result.stored
             if best is not None:
                 best_values = dict(best[0])
@@ -323,7 +388,7 @@ class TuneJob:
         """A space with no free knob: measure its single config once."""
         values = space.default_values()
         outcome = _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
-        result.trials = 1
+        result.trials = result.evaluated = 1
         if not outcome.ok:
             return False
         result.config = space.split(values)[0]

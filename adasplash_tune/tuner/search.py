@@ -5,13 +5,34 @@ config and measurements as user attributes), so a run killed mid-way loses only 
 flight and the next run resumes from what is stored. The harness here owns the loop: it asks the
 study (or enqueues the strategy's own proposal), checks the point against the space, skips points
 already tried, hands new points to ``evaluate`` and tells the study the outcome.
+
+Several trials may be in flight at once: with ``submit`` (one evaluation worker per GPU) the
+search keeps every worker busy and tells results as they complete, all from the calling thread.
+
+Several tuners (processes, hosts) may share one study. Each run re-reads the study before it
+asks, so trials finished elsewhere count towards the budget and are not repeated; a point
+another tuner is evaluating is left to it (of two trials asking the same point, or the budget's
+last one, the lower trial number keeps it); a stage ends only once the trials other tuners run
+in it have finished, so every tuner sees the same best point and goes on to the same next
+study. Every asked trial records its owner (host, process, run, lease): a RUNNING trial is
+abandoned, and marked failed, when its owner on this host is gone or when the lease of an owner
+on another host has passed. A result whose trial another tuner marked failed meanwhile is added
+as a new trial: no evaluated trial is lost.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import platform
+import threading
 import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
 from .space import SearchSpace
@@ -28,8 +49,50 @@ FAILURE_PENALTY = 1e12
 #: The one user attribute each trial stores: config, typed status and measurements.
 ATTR = "adasplash_tune"
 
+#: The user attribute naming the tuner that asked a trial (host, process, run, lease expiry).
+OWNER = "adasplash_tune_owner"
+
 #: Consecutive invalid or repeated samples after which a random untried point is enqueued.
 MAX_MISSES = 12
+
+#: Seconds a trial's owner record stays valid for tuners on other hosts; renewed every third of it
+#: while the trial runs, so a host that dies mid-trial frees its point within this time.
+LEASE_S = 120.0
+
+#: Seconds between looks at the study while the rest of the budget is in other tuners' hands.
+POLL_S = 0.5
+
+#: Looks (20 ms apart) at another tuner's trial until its sampled parameters are stored.
+SETTLE_TRIES = 250
+
+#: A RUNNING trial without an owner (asked by an older version, or a moment ago) is abandoned
+#: once it started this many seconds ago.
+UNOWNED_GRACE_S = 120.0
+
+
+@lru_cache(maxsize=1)
+def host_id() -> str:
+    """This machine as owners are compared: host name plus boot id (process ids restart at boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = ""
+    return f"{platform.node()}|{boot}"
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -69,9 +132,11 @@ class StageResult:
     trace: list[TraceRow]
     front: list[tuple[dict[str, Any], Outcome]]
     exhausted: bool
+    evaluated: int = 0  # trials this run evaluated (``counted`` includes other runs' trials)
 
 
 PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["Outcome | None"]]
+SubmitFn = Callable[[Mapping[str, Any]], "Future[Outcome]"]
 
 
 class StageSearch:
@@ -79,8 +144,13 @@ class StageSearch:
 
     ``evaluate(values)`` measures one complete config. ``prepare(list_of_values)`` (optional)
     compiles a batch in parallel and returns, per point, None (compiled) or a failure Outcome;
-    with it, up to ``batch`` points are asked at once. ``on_trial(values, outcome, row)`` is
-    called after every counted trial (persisting to the cache, progress).
+    with it, up to ``batch`` points are asked at once. ``submit(values)`` (optional, instead of
+    ``evaluate`` for the search loop) starts an evaluation and returns a Future of its Outcome;
+    with it up to ``workers`` trials are in flight and each is told as soon as it completes
+    (with ``prepare`` too: batches of ``max(batch, workers)``, compiled, then timed).
+    ``on_trial(values, outcome, row)`` is called after every counted trial (persisting to the
+    cache, progress), always in the calling thread. ``lease_s``: how long a trial's owner record
+    stays valid for tuners on other hosts (renewed while the trial runs; default ``LEASE_S``).
     """
 
     def __init__(
@@ -96,6 +166,9 @@ class StageSearch:
         batch: int = 1,
         start: Mapping[str, Any] | None = None,
         on_trial: Callable[[Mapping[str, Any], Outcome, TraceRow], None] | None = None,
+        submit: SubmitFn | None = None,
+        workers: int = 1,
+        lease_s: float | None = None,
     ) -> None:
         self.study = study
         self.strategy = strategy
@@ -116,6 +189,18 @@ class StageSearch:
         self._trace: list[TraceRow] = []
         self._t0 = time.monotonic()
         self._queued = 0  # enqueued points not asked yet (asked first, before any new proposal)
+        self.submit = submit
+        self.workers = max(1, int(workers)) if submit is not None else 1
+        self.lease_s = float(LEASE_S if lease_s is None else lease_s)
+        self._run_id = uuid.uuid4().hex
+        self._seen: set[int] = set()  # trial numbers already taken into account
+        self._mine: dict[int, Any] = {}  # this run's trials not told yet, by number
+        self._mine_lock = threading.Lock()  # the lease keeper thread reads ``_mine`` too
+        self._pending: dict[tuple, int] = {}  # this run's points in flight -> trial number
+        self._others: dict[tuple, int] = {}  # points other tuners are evaluating -> lowest number
+        self._running_elsewhere: set[int] = set()  # numbers of other tuners' trials in flight
+        self._unsettled: set[int] = set()  # ... of those, the ones whose point is not stored yet
+        self._evaluated = 0
 
     # ------------------------------------------------------------------ encoding
 
@@ -130,36 +215,100 @@ class StageSearch:
 
     # ------------------------------------------------------------------ state from storage
 
-    def _load(self) -> None:
-        """Rebuild what was tried from the study; fail trials left running by a killed run."""
+    def _sync(self, initial: bool = False) -> None:
+        """Take in what the study holds that this run has not seen: counted trials (earlier
+        runs, other tuners), points other tuners are evaluating, and abandoned RUNNING trials,
+        which are marked failed (not counted). ``initial``: also count the WAITING trials."""
         from optuna.trial import TrialState
 
+        others: dict[tuple, int] = {}
+        running: set[int] = set()
+        unsettled: set[int] = set()
         for trial in self.study.get_trials(deepcopy=False):
-            attrs = trial.user_attrs
+            number = trial.number
+            if number in self._seen or number in self._mine:
+                continue
             if trial.state == TrialState.WAITING:
-                self._queued += 1  # enqueued by an earlier run: the next ask returns it
+                if initial:
+                    self._queued += 1  # enqueued by an earlier run: the next ask returns it
                 continue
             if trial.state == TrialState.RUNNING:
-                self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                log.info("trial %d of %s was interrupted; it is not counted", trial.number,
-                         self.study.study_name)
+                if self._abandoned(trial):
+                    self._fail_abandoned(number)
+                    self._seen.add(number)
+                else:
+                    running.add(number)
+                    key = self._key_of(trial.params)
+                    if key is None:
+                        unsettled.add(number)
+                    else:
+                        others[key] = min(others.get(key, number), number)
                 continue
-            data = attrs.get(ATTR)
-            if not isinstance(data, dict) or not data.get("counted"):
+            self._seen.add(number)
+            data = trial.user_attrs.get(ATTR)
+            if not isinstance(data, dict) or not data.get("counted") or data.get("run") == self._run_id:
                 continue
             values = dict(data["config"])
             outcome = Outcome(ok=bool(data.get("ok")), objective=data.get("objective"),
                               error=data.get("error"), status=data.get("status", "ok"),
                               attrs=dict(data.get("measured") or {}))
             self._record(values, outcome, resumed=True)
+        self._others, self._running_elsewhere, self._unsettled = others, running, unsettled
+
+    def _sync_before(self, number: int) -> None:
+        """Sync until every other tuner's trial numbered below ``number`` shows its point (a
+        sampled trial is stored first and its parameters a moment later)."""
+        self._sync()
+        for _ in range(SETTLE_TRIES):
+            if not any(n < number for n in self._unsettled):
+                return
+            time.sleep(0.02)
+            self._sync()
+
+    def _key_of(self, params: Mapping[str, Any]) -> tuple | None:
+        try:
+            return point_key(self._decode(params), self.free)
+        except (KeyError, IndexError, ValueError, TypeError):  # params not all set yet (another tuner's ask)
+            return None
+
+    def _owner(self) -> dict[str, Any]:
+        return {"host": host_id(), "pid": os.getpid(), "run": self._run_id,
+                "expires": time.time() + self.lease_s}
+
+    def _abandoned(self, trial: Any) -> bool:
+        """Is this RUNNING trial (not this run's) left behind by a tuner that is gone?"""
+        owner = trial.user_attrs.get(OWNER)
+        if not isinstance(owner, dict):
+            start = trial.datetime_start
+            return start is None or (datetime.now() - start).total_seconds() > UNOWNED_GRACE_S
+        if owner.get("host") == host_id():
+            if owner.get("pid") == os.getpid():
+                return owner.get("run") != self._run_id  # an earlier search in this process
+            return not _pid_alive(owner.get("pid"))
+        try:
+            return time.time() > float(owner.get("expires", 0.0))
+        except (TypeError, ValueError):
+            return True
+
+    def _fail_abandoned(self, number: int) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        try:
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        except UpdateFinishedTrialError:  # its owner told it after all
+            return
+        log.info("trial %d of %s was interrupted; it is not counted", number, self.study.study_name)
 
     def _record(self, values: Mapping[str, Any], outcome: Outcome, *, resumed: bool = False) -> TraceRow:
         key = point_key(values, self.free)
         self._tried[key] = (dict(values), outcome)
         if not outcome.ok:
             self._failures += 1
-        elif outcome.objective is not None and (self._best is None or outcome.objective < self._best[1].objective):
-            self._best = (dict(values), outcome)
+        elif outcome.objective is not None and (
+                self._best is None or (outcome.objective, repr(key)) <
+                (self._best[1].objective, repr(point_key(self._best[0], self.free)))):
+            self._best = (dict(values), outcome)  # ties go to the smaller point: every tuner agrees
         row = TraceRow(len(self._tried), time.monotonic() - self._t0, outcome.objective, outcome.ok,
                        self._best[1].objective if self._best else None, outcome.status)
         if not resumed:
@@ -168,42 +317,92 @@ class StageSearch:
 
     # ------------------------------------------------------------------ telling
 
-    def _tell(self, trial: Any, values: Mapping[str, Any], outcome: Outcome, counted: bool) -> None:
+    def _verdict(self, outcome: Outcome) -> tuple[Any, Any]:
+        """(value(s), state) the study is told for ``outcome``."""
         from optuna.trial import TrialState
 
-        trial.set_user_attr(ATTR, {
-            "config": dict(values), "counted": counted, "ok": outcome.ok, "status": outcome.status,
-            "objective": outcome.objective, "error": outcome.error, "measured": dict(outcome.attrs),
-        })
         if self.strategy.multi_objective:
             if outcome.objective is not None and outcome.error is not None:
-                self.study.tell(trial, [outcome.objective, outcome.error])
-            else:
-                self.study.tell(trial, state=TrialState.FAIL)
-        elif outcome.ok and outcome.objective is not None:
-            self.study.tell(trial, outcome.objective)
-        else:
-            self.study.tell(trial, FAILURE_PENALTY)
+                return [outcome.objective, outcome.error], TrialState.COMPLETE
+            return None, TrialState.FAIL
+        if outcome.ok and outcome.objective is not None:
+            return outcome.objective, TrialState.COMPLETE
+        return FAILURE_PENALTY, TrialState.COMPLETE
+
+    def _tell(self, trial: Any, values: Mapping[str, Any], outcome: Outcome, counted: bool) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        record = {
+            "config": dict(values), "counted": counted, "ok": outcome.ok, "status": outcome.status,
+            "objective": outcome.objective, "error": outcome.error, "measured": dict(outcome.attrs),
+            "run": self._run_id,
+        }
+        told, state = self._verdict(outcome)
+        try:
+            trial.set_user_attr(ATTR, record)
+            self.study.tell(trial, told, state=None if told is not None else state)
+        except (UpdateFinishedTrialError, ValueError):
+            if not self._finished_elsewhere(trial.number):
+                raise
+            # another tuner took this trial for abandoned (e.g. its lease passed): keep the result
+            log.warning("trial %d of %s was marked failed by another tuner while it ran; its result "
+                        "is stored as a new trial", trial.number, self.study.study_name)
+            self._add_trial(values, record, told, state)
+        finally:
+            self._release(trial)
+
+    def _release(self, trial: Any) -> None:
+        """``trial`` is told: no longer this run's to renew, and taken into account."""
+        with self._mine_lock:
+            self._mine.pop(trial.number, None)
+        self._seen.add(trial.number)
+
+    def _keep_leases(self, stop: threading.Event) -> None:
+        """Renew the owner record of this run's trials in flight until ``stop`` (a thread)."""
+        while not stop.wait(self.lease_s / 3):
+            with self._mine_lock:
+                trials = list(self._mine.values())
+            for trial in trials:
+                try:
+                    trial.set_user_attr(OWNER, self._owner())
+                except Exception as exc:  # noqa: BLE001 - told meanwhile, or the database was busy
+                    log.debug("lease of trial %d not renewed (the next round retries): %s", trial.number, exc)
+
+    def _finished_elsewhere(self, number: int) -> bool:
+        return any(t.number == number and t.state.is_finished() for t in self.study.get_trials(deepcopy=False))
+
+    def _add_trial(self, values: Mapping[str, Any], record: Mapping[str, Any], told: Any, state: Any) -> None:
+        from optuna.trial import create_trial
+
+        kwargs: dict[str, Any] = {}
+        if told is not None:
+            kwargs["values" if isinstance(told, list) else "value"] = told
+        self.study.add_trial(create_trial(state=state, params=self._encode(values), distributions=self._dists,
+                                          user_attrs={ATTR: dict(record), OWNER: self._owner()}, **kwargs))
 
     def _tell_miss(self, trial: Any, values: Mapping[str, Any], reason: str) -> None:
-        """Tell a point that is not evaluated: invalid, or already tried (same result again)."""
+        """Tell a point that is not evaluated: invalid, already tried (same result again), taken
+        by another tuner or beyond the budget (failed, so samplers ignore it)."""
         from optuna.trial import TrialState
 
         prior = self._tried.get(point_key(values, self.free))
-        trial.set_user_attr(ATTR, {"config": dict(values), "counted": False, "status": reason})
-        if prior is not None and reason == "repeat":
-            outcome = prior[1]
-            if self.strategy.multi_objective and outcome.objective is not None and outcome.error is not None:
-                self.study.tell(trial, [outcome.objective, outcome.error])
-                return
-            if not self.strategy.multi_objective:
-                self.study.tell(trial, outcome.objective if outcome.ok and outcome.objective is not None
-                                else FAILURE_PENALTY)
-                return
-        if self.strategy.multi_objective:
-            self.study.tell(trial, state=TrialState.FAIL)
-        else:
-            self.study.tell(trial, FAILURE_PENALTY)
+        try:
+            trial.set_user_attr(ATTR, {"config": dict(values), "counted": False, "status": reason})
+            if prior is not None and reason == "repeat":
+                outcome = prior[1]
+                if self.strategy.multi_objective and outcome.objective is not None and outcome.error is not None:
+                    self.study.tell(trial, [outcome.objective, outcome.error])
+                    return
+                if not self.strategy.multi_objective:
+                    self.study.tell(trial, outcome.objective if outcome.ok and outcome.objective is not None
+                                    else FAILURE_PENALTY)
+                    return
+            if self.strategy.multi_objective or reason in ("taken", "surplus"):
+                self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                self.study.tell(trial, FAILURE_PENALTY)
+        finally:
+            self._release(trial)
 
     def outcome_of(self, values: Mapping[str, Any]) -> Outcome | None:
         """The stored outcome of a point already tried in this study (None if not tried)."""
@@ -216,66 +415,87 @@ class StageSearch:
     def _time_left(self) -> bool:
         return self.deadline is None or time.monotonic() < self.deadline
 
-    def _ask_batch(self) -> list[tuple[Any, dict[str, Any]]]:
-        """Up to ``batch`` new valid untried points (fewer when the space runs dry)."""
+    def _ask_batch(self, limit: int) -> tuple[list[tuple[Any, dict[str, Any]]], bool]:
+        """Up to ``limit`` new valid untried points; fewer when the budget is spent (trials other
+        tuners are running count as spent) or the space runs out.
+
+        Returns (points, dry): ``dry`` when the space ran out."""
         picked: list[tuple[Any, dict[str, Any]]] = []
-        pending: set[tuple] = set()
         misses = 0
-        want = min(self.batch, self.budget - len(self._tried))
-        while len(picked) < want:
-            tried = set(self._tried) | pending
+        self._sync()
+        while len(picked) < limit:
+            if len(self._tried) + len(self._pending) + len(self._running_elsewhere) >= self.budget:
+                return picked, False
+            busy = set(self._pending) | set(self._others)
+            tried = set(self._tried) | busy
             if not self._queued and self.strategy.finished(tried):
-                break
+                return picked, True
             proposal = None if self._queued else self.strategy.propose(tried)
             if proposal is None and misses >= MAX_MISSES and not self._queued:
-                proposal = self.strategy.fallback(set(self._tried), pending)
+                proposal = self.strategy.fallback(set(self._tried), busy)
                 if proposal is None:
-                    break
+                    return picked, True
                 misses = 0
             if proposal is not None:
                 self.study.enqueue_trial(self._encode(proposal), skip_if_exists=False)
                 self._queued += 1
             elif not self._queued and self.strategy.finished(tried):
-                break
+                return picked, True
             trial = self.study.ask(self._dists)
             self._queued = max(0, self._queued - 1)
+            with self._mine_lock:
+                self._mine[trial.number] = trial
+            trial.set_user_attr(OWNER, self._owner())
             values = self._decode(trial.params)
             key = point_key(values, self.free)
             if not self.space.is_valid(values):
                 self._tell_miss(trial, values, "invalid")
                 misses += 1
                 continue
-            if key in self._tried or key in pending:
+            if key not in self._tried and key not in self._pending:
+                self._sync_before(trial.number)  # what finished or started elsewhere meanwhile
+            if key in self._tried or key in self._pending:
                 self._tell_miss(trial, values, "repeat")
                 misses += 1
                 continue
+            if self._others.get(key, math.inf) < trial.number:  # another tuner asked it first
+                self._tell_miss(trial, values, "taken")
+                misses += 1
+                continue
+            ahead = sum(1 for number in self._running_elsewhere if number < trial.number)
+            if len(self._tried) + len(self._pending) + ahead >= self.budget:
+                self._tell_miss(trial, values, "surplus")  # other tuners asked the budget's last trials first
+                return picked, False
             misses = 0
-            pending.add(key)
+            self._pending[key] = trial.number
             picked.append((trial, values))
-        return picked
+        return picked, False
+
+    def _finish(self, trial: Any, values: Mapping[str, Any], outcome: Outcome) -> None:
+        """Tell and record one evaluated trial (in the calling thread)."""
+        self._tell(trial, values, outcome, counted=True)
+        self._pending.pop(point_key(values, self.free), None)
+        self._evaluated += 1
+        row = self._record(values, outcome)
+        if self.on_trial is not None:
+            self.on_trial(values, outcome, row)
 
     def run(self) -> StageResult:
-        self._load()
+        self._sync(initial=True)
         if not self._tried and not self._queued and self.start is not None and self.budget > 0:
             start = self.space.canonical({**self.fixed, **self.start})
             if self.space.is_valid(start):
                 self.study.enqueue_trial(self._encode(start))
                 self._queued += 1
-        exhausted = False
-        while len(self._tried) < self.budget and self._time_left():
-            picked = self._ask_batch()
-            if not picked:
-                exhausted = True
-                break
-            prepared: Sequence[Outcome | None] = [None] * len(picked)
-            if self.prepare is not None and len(picked) > 0:
-                prepared = self.prepare([values for _, values in picked])
-            for (trial, values), failure in zip(picked, prepared):
-                outcome = failure if failure is not None else self.evaluate(values)
-                self._tell(trial, values, outcome, counted=True)
-                row = self._record(values, outcome)
-                if self.on_trial is not None:
-                    self.on_trial(values, outcome, row)
+        stop = threading.Event()
+        keeper = threading.Thread(target=self._keep_leases, args=(stop,), daemon=True,
+                                  name="adasplash-tune-lease")
+        keeper.start()
+        try:
+            dry = self._run_concurrent() if self.submit is not None else self._run_serial()
+        finally:
+            stop.set()
+            keeper.join()
         return StageResult(
             best_values=dict(self._best[0]) if self._best else None,
             best=self._best[1] if self._best else None,
@@ -283,8 +503,59 @@ class StageSearch:
             failures=self._failures,
             trace=list(self._trace),
             front=self._front(),
-            exhausted=exhausted,
+            exhausted=dry and len(self._tried) < self.budget,
+            evaluated=self._evaluated,
         )
+
+    def _run_serial(self) -> bool:
+        """Ask a batch, compile it (``prepare``), evaluate its points one by one. True when the
+        space ran dry."""
+        while len(self._tried) < self.budget and self._time_left():
+            picked, dry = self._ask_batch(self.batch)
+            if not picked:
+                if dry or not self._running_elsewhere:
+                    return dry
+                time.sleep(POLL_S)  # the rest of the budget is running elsewhere: wait for it
+                continue
+            prepared: Sequence[Outcome | None] = [None] * len(picked)
+            if self.prepare is not None:
+                prepared = self.prepare([values for _, values in picked])
+            for (trial, values), failure in zip(picked, prepared):
+                self._finish(trial, values, failure if failure is not None else self.evaluate(values))
+        return False
+
+    def _run_concurrent(self) -> bool:
+        """Keep ``workers`` trials in flight and tell each as it completes. With ``prepare``, in
+        rounds instead: ask a batch, compile it, time it on every worker, so that compiling never
+        runs beside a timing. True when the space ran dry."""
+        in_flight: dict[Future, tuple[Any, dict[str, Any]]] = {}
+        dry = False
+        while True:
+            asked = False
+            room = self.workers - len(in_flight) if self.prepare is None else (0 if in_flight else
+                                                                               max(self.batch, self.workers))
+            if not dry and room > 0 and self._time_left():
+                picked, dry = self._ask_batch(room)
+                asked = bool(picked)
+                prepared: Sequence[Outcome | None] = [None] * len(picked)
+                if self.prepare is not None and picked:
+                    prepared = self.prepare([values for _, values in picked])
+                for (trial, values), failure in zip(picked, prepared):
+                    if failure is not None:
+                        self._finish(trial, values, failure)
+                    else:
+                        in_flight[self.submit(values)] = (trial, values)
+            if not in_flight:
+                if asked:
+                    continue
+                if dry or not self._running_elsewhere or len(self._tried) >= self.budget or not self._time_left():
+                    return dry
+                time.sleep(POLL_S)  # the rest of the budget is running elsewhere: wait for it
+                continue
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: in_flight[f][0].number):
+                trial, values = in_flight.pop(future)
+                self._finish(trial, values, future.result())
 
     def _front(self) -> list[tuple[dict[str, Any], Outcome]]:
         """Points not dominated in (time, error) (Pareto mode; empty otherwise)."""

@@ -2,14 +2,18 @@
 
 Each (device, kernel, backend, kernel hash, problem key, stage, fixed knobs, objective) gets its
 own Optuna study in one RDB storage: by default an SQLite file beside the user cache
-(``studies.sqlite``), or any SQLAlchemy URL given with ``--storage``. Re-running the same command
-finds the same studies (``load_if_exists``) and resumes them.
+(``studies.sqlite``), or any SQLAlchemy URL given with ``--storage`` (e.g. a PostgreSQL server
+that tuners on several hosts share). Re-running the same command finds the same studies
+(``load_if_exists``) and resumes them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +23,11 @@ from ..kernels.problem import key_to_json
 __all__ = ["default_storage_url", "open_storage", "study_name", "STUDIES_FILE"]
 
 STUDIES_FILE = "studies.sqlite"
+
+#: Attempts at opening a storage whose schema another tuner is creating at the same moment.
+OPEN_ATTEMPTS = 6
+
+log = logging.getLogger("adasplash_tune")
 
 
 def default_storage_url(cache: str | None = None) -> str:
@@ -38,9 +47,13 @@ def default_storage_url(cache: str | None = None) -> str:
 
 
 def open_storage(url: str):
-    """An Optuna RDB storage for ``url`` (its folder created for SQLite files)."""
+    """An Optuna RDB storage for ``url`` (its folder created for SQLite files).
+
+    Tuners started together on a fresh database race to create its tables; the loser's error
+    (a duplicate row or table) is retried a few times, by which point the schema exists."""
     import optuna
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         parsed = make_url(url)
@@ -52,7 +65,15 @@ def open_storage(url: str):
         if sqlite_file:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    storage = optuna.storages.RDBStorage(url, **kwargs)
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            storage = optuna.storages.RDBStorage(url, **kwargs)
+            break
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            if attempt == OPEN_ATTEMPTS:
+                raise
+            log.debug("opening the study storage (attempt %d): %s", attempt, exc)
+            time.sleep(0.05 * attempt + random.random() * 0.1)
     if sqlite_file:
         _fast_commits(storage.engine)
     return storage

@@ -13,6 +13,8 @@ from adasplash_tune.cache.store import Entry, open_store
 from adasplash_tune.kernels.problem import attention_key, entmax_key
 from adasplash_tune.kernels.registry import get_spec
 
+from .._postgres import fresh_schema
+
 DATA = Path(__file__).parent / "data"
 
 GPU = {"backend": "cuda", "vendor": "NVIDIA", "name": "NVIDIA H200", "arch": "sm_90",
@@ -36,9 +38,16 @@ def _isolated_locations(tmp_path, monkeypatch):
     monkeypatch.setattr(locations, "SHIPPED_DIR", shipped)
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request, tmp_path):
-    """A fresh writable store: an SQLite file, or SQLite in memory through a URL."""
+    """A fresh writable store: an SQLite file, SQLite in memory through a URL, or (marker
+    ``postgres``) an empty schema on the PostgreSQL test server."""
+    if request.param == "postgres":
+        with fresh_schema() as url:
+            s = open_store(url)
+            yield s
+            s.close()
+        return
     target = str(tmp_path / "store.sqlite") if request.param == "file" else "sqlite://"
     s = open_store(target)
     yield s
