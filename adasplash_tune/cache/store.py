@@ -581,9 +581,12 @@ class ConfigStore:
         ident = (dev.id, ker.id, key_json)
 
         def stored() -> Any:
-            return select(TunedEntry).where(TunedEntry.device_pk == dev.id,
-                                            TunedEntry.kernel_pk == ker.id,
-                                            TunedEntry.key_json == key_json)
+            query = select(TunedEntry).where(TunedEntry.device_pk == dev.id,
+                                             TunedEntry.kernel_pk == ker.id,
+                                             TunedEntry.key_json == key_json)
+            # Other dialects: lock the row until commit, so that compare-then-replace is atomic
+            # against a concurrent writer (SQLite's BEGIN IMMEDIATE already serialises writers).
+            return query if self._is_sqlite else query.options(lazyload("*")).with_for_update(of=TunedEntry)
 
         row = batch.rows.get(ident)
         if row is None and batch.prefetch and self._is_sqlite:
