@@ -8,14 +8,18 @@ server carry the ``postgres`` marker and run when ADASPLASH_TUNE_TEST_POSTGRES_U
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
 # Tests never read or write a developer's own tuned configs: a private user cache per session.
-os.environ["ADASPLASH_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="adasplash-tune-tests-"), "configs.sqlite")
+_SESSION_DIR = tempfile.mkdtemp(prefix="adasplash-tune-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+os.environ["ADASPLASH_TUNE_CACHE"] = os.path.join(_SESSION_DIR, "configs.sqlite")
 os.environ.pop("ADASPLASH_TUNE_RECORD", None)
 os.environ.pop("ADASPLASH_TUNE_MODE", None)
 
