@@ -247,23 +247,12 @@ def adasplash(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     from . import ops
 
-    if not ops.has_attention_op(backend):  # no forward/backward pair: its autograd.Function, eager
-        return ops.call_eager(_adasplash_function, q, k, v, alpha, is_causal, varlen, niter, scale, backend,
-                              config)
     if torch.compiler.is_compiling():
         # Traced: the custom op selects at run time (same precedence chain, never timed).
         cfg_json = ops.explicit_config_json("adasplash", backend, config)
     else:
         cfg_json = ops.config_json(_attention_selection(q, k, alpha, is_causal, varlen, backend, config)._config)
     return ops.adasplash_op(q, k, v, alpha, is_causal, varlen, scale, backend, cfg_json, niter)
-
-
-def _adasplash_function(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config) -> torch.Tensor:
-    sel = _attention_selection(q, k, alpha, is_causal, varlen, backend, config)
-    cfg = _with_niter(sel._config, niter)
-    from .kernels.attention.op import adasplash_triton
-
-    return adasplash_triton(q, k, v, alpha, is_causal, varlen, scale, cfg)
 
 
 def _check_entmax_inputs(x, alpha, dim, niter):

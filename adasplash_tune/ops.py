@@ -17,10 +17,8 @@ tensors. That is how a compiled graph selects: nothing about selection is traced
 overrides the config's iteration count.
 
 A backend plugs in through a forward/backward pair (:class:`AttentionPair`): the torch backend
-always; the Triton attention when ``kernels/attention/op.py`` provides
-``adasplash_triton_forward``, ``adasplash_triton_backward`` and ``adasplash_triton_residuals``
-(see :func:`attention_pair`). Without that pair :func:`has_attention_op` is False for "triton"
-and the API keeps calling ``adasplash_triton`` (its autograd.Function) directly.
+and the Triton attention (``kernels/attention/op.py``'s ``adasplash_triton_forward``,
+``adasplash_triton_backward`` and ``adasplash_triton_residuals``; see :func:`attention_pair`).
 """
 
 # no `from __future__ import annotations`: torch.library reads the op signatures' real types
@@ -37,7 +35,7 @@ from .kernels.problem import alpha_class
 from .kernels.spec import Config, ConfigError
 
 __all__ = [
-    "AttentionPair", "attention_pair", "has_attention_op", "call_eager", "config_json",
+    "AttentionPair", "attention_pair", "has_attention_op", "config_json",
     "explicit_config_json", "adasplash_op", "entmax_op",
 ]
 
@@ -165,6 +163,7 @@ _TORCH_PAIR = AttentionPair(_torch_forward, _torch_backward, _torch_residuals)
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def attention_pair(backend: str) -> Optional[AttentionPair]:
     """The forward/backward pair of ``backend`` ("torch" or "triton"), None if it has none."""
     if backend == "torch":
@@ -188,18 +187,12 @@ def has_attention_op(backend: str) -> bool:
     return attention_pair(backend) is not None
 
 
-@torch.compiler.disable
-def call_eager(fn: Callable[..., Tensor], *args: Any) -> Tensor:
-    """``fn(*args)`` outside any compiled graph (under torch.compile: a graph break here)."""
-    return fn(*args)
-
-
 def _pair(backend: str) -> AttentionPair:
     pair = attention_pair(backend)
     if pair is None:
         raise ValueError(
-            f"the {backend} attention backend has no forward/backward pair for the custom op yet; "
-            "call adasplash_tune.adasplash (eager) or use backend='torch' under torch.compile"
+            f"the {backend} attention backend is unavailable here (triton could not be imported); "
+            "use backend='torch'"
         )
     return pair
 
