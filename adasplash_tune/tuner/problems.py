@@ -32,6 +32,11 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: Score elements up to which the attention oracle runs in one dense call (2^26 fp64 = 512 MiB).
 _DENSE_LIMIT = 1 << 26
 
+#: Score elements the accuracy gate's oracle covers at most. Above it the gate checks a sample of
+#: whole (batch, kv-head group) slices: every slice is computed by the same kernels as the rest,
+#: and an N = 32768, 64-head oracle would otherwise take minutes per problem.
+_ORACLE_LIMIT = 1 << 30
+
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype name ('float32', 'float16', 'bfloat16')."""
@@ -132,8 +137,43 @@ class AttentionProblem:
         return adasplash(inputs["q"], inputs["k"], inputs["v"], self.alpha, self.causal,
                          inputs["varlen"], backend=backend, config=dict(config))
 
+    def oracle_slices(self) -> list[tuple[int, int]] | None:
+        """(batch, kv head) slices the accuracy gate checks; None: all of them.
+
+        Up to ``_ORACLE_LIMIT`` score elements every slice is checked; above it, evenly spaced
+        slices (at least one) whose scores fit in the limit.
+        """
+        group = self.heads // self.kv_heads
+        per_slice = group * self.seq_len ** 2
+        pairs = [(b, kv) for b in range(self.batch) for kv in range(self.kv_heads)]
+        if per_slice * len(pairs) <= _ORACLE_LIMIT:
+            return None
+        count = max(1, _ORACLE_LIMIT // per_slice)
+        return [pairs[i * len(pairs) // count] for i in range(count)]
+
+    def oracle_view(self, out, grads):
+        """``out`` (and grads w.r.t. q, k, v) restricted to :meth:`oracle_slices`, laid out as
+        :meth:`reference` returns them."""
+        import torch
+
+        slices = self.oracle_slices()
+        if slices is None:
+            return out, grads
+        group = self.heads // self.kv_heads
+
+        def q_part(t):
+            return torch.stack([t[b, kv * group:(kv + 1) * group] for b, kv in slices])
+
+        def kv_part(t):
+            return torch.stack([t[b, kv:kv + 1] for b, kv in slices])
+
+        if grads is None:
+            return q_part(out), None
+        return q_part(out), (q_part(grads[0]), kv_part(grads[1]), kv_part(grads[2]))
+
     def reference(self, inputs: Mapping[str, Any], with_grad: bool):
-        """fp64 oracle output and (optionally) gradients w.r.t. q, k, v.
+        """fp64 oracle output and (optionally) gradients w.r.t. q, k, v, over :meth:`oracle_slices`
+        (compare with :meth:`oracle_view` of the kernel's results).
 
         The dense oracle holds (B, H, N, N) fp64 scores; above ``_DENSE_LIMIT`` score elements it
         runs one (batch, query head) at a time (rows and heads are independent; k/v gradients of
@@ -144,26 +184,42 @@ class AttentionProblem:
         from ..kernels.reference import attention_reference
 
         q, k, v, varlen, grad = inputs["q"], inputs["k"], inputs["v"], inputs["varlen"], inputs["grad"]
-        if self.batch * self.heads * self.seq_len ** 2 <= _DENSE_LIMIT:
+        slices = self.oracle_slices()
+        if slices is None and self.batch * self.heads * self.seq_len ** 2 <= _DENSE_LIMIT:
             return _oracle(lambda q_, k_, v_: attention_reference(q_, k_, v_, self.alpha, self.causal, varlen),
                            (q, k, v), grad, with_grad)
         group = self.heads // self.kv_heads
-        out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-        grads = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in (q, k, v)] if with_grad else None
-        for b in range(self.batch):
+        if slices is None:
+            slices = [(b, kv) for b in range(self.batch) for kv in range(self.kv_heads)]
+            layout = "full"
+        else:
+            layout = "slices"
+        # compact layout: slice i holds q heads (i, 0..group) and kv head (i, 0)
+        shape_q = (len(slices), group, self.seq_len, self.head_dim)
+        shape_kv = (len(slices), 1, self.seq_len, self.head_dim)
+        out = torch.empty(shape_q, dtype=torch.float64, device=q.device)
+        grads = ([torch.zeros(s, dtype=torch.float64, device=q.device) for s in (shape_q, shape_kv, shape_kv)]
+                 if with_grad else None)
+        for i, (b, kv) in enumerate(slices):
             lengths = None if varlen is None else varlen[b:b + 1]
-            for h in range(self.heads):
-                kv = h // group
+            for g in range(group):
+                h = kv * group + g
                 part, part_grads = _oracle(
                     lambda q_, k_, v_: attention_reference(q_, k_, v_, self.alpha, self.causal, lengths),
                     (q[b:b + 1, h:h + 1], k[b:b + 1, kv:kv + 1], v[b:b + 1, kv:kv + 1]),
                     grad[b:b + 1, h:h + 1], with_grad,
                 )
-                out[b, h] = part[0, 0]
+                out[i, g] = part[0, 0]
                 if grads is not None:
-                    grads[0][b, h] = part_grads[0][0, 0]
-                    grads[1][b, kv] += part_grads[1][0, 0]
-                    grads[2][b, kv] += part_grads[2][0, 0]
+                    grads[0][i, g] = part_grads[0][0, 0]
+                    grads[1][i, 0] += part_grads[1][0, 0]
+                    grads[2][i, 0] += part_grads[2][0, 0]
+        if layout == "full":  # back to (B, H, N, D) / (B, Hkv, N, D)
+            out = out.reshape(self.batch, self.heads, self.seq_len, self.head_dim)
+            if grads is not None:
+                grads = [grads[0].reshape(out.shape),
+                         grads[1].reshape(self.batch, self.kv_heads, self.seq_len, self.head_dim),
+                         grads[2].reshape(self.batch, self.kv_heads, self.seq_len, self.head_dim)]
         return out, (tuple(grads) if grads is not None else None)
 
 
@@ -216,6 +272,10 @@ class EntmaxProblem:
         from .. import entmax
 
         return entmax(inputs["x"], self.alpha, -1, backend=backend, config=dict(config))
+
+    def oracle_view(self, out, grads):
+        """The results the oracle covers (all of them)."""
+        return out, grads
 
     def reference(self, inputs: Mapping[str, Any], with_grad: bool):
         from ..kernels.reference import entmax_reference

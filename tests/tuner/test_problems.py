@@ -55,6 +55,26 @@ def test_chunked_oracle_equals_the_dense_one(monkeypatch):
         assert relative_error(a, b) < 1e-12
 
 
+def test_sampled_oracle_matches_the_full_one_on_its_slices(monkeypatch):
+    """Above the oracle limit the gate checks evenly spaced (batch, kv group) slices: the
+    sampled oracle equals the full one there, and oracle_view picks the same slices."""
+    problem = P.AttentionProblem(3, 4, 2, 33, 16, 1.5, False)
+    inputs = problem.make_inputs("cpu", 7, requires_grad=True)
+    full, full_grads = problem.reference(inputs, with_grad=True)
+    assert problem.oracle_slices() is None
+    monkeypatch.setattr(P, "_ORACLE_LIMIT", 2 * 33 ** 2 * 2)  # two slices of (2 q heads x N x N)
+    slices = problem.oracle_slices()
+    assert slices == [(0, 0), (1, 1)]
+    sampled, sampled_grads = problem.reference(inputs, with_grad=True)
+    assert sampled.shape == (2, 2, 33, 16)
+    view, view_grads = problem.oracle_view(full, full_grads)
+    assert relative_error(view, sampled) < 1e-12
+    for a, b in zip(view_grads, sampled_grads):
+        assert relative_error(a, b) < 1e-12
+    monkeypatch.setattr(P, "_ORACLE_LIMIT", 1)  # never fewer than one slice
+    assert problem.oracle_slices() == [(0, 0)]
+
+
 def test_record_file_gives_problems_most_frequent_first(tmp_path):
     key = P.AttentionProblem(1, 8, 2, 1000, 64, 1.5, True).key("triton")
     shape = {"batch": 1, "heads": 8, "kv_heads": 2, "seq_len": 1000, "head_dim": 64, "alpha": 1.5,
