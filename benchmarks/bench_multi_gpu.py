@@ -35,8 +35,9 @@ def _problems(smoke: bool) -> list[Any]:
 
     if smoke:
         return [AttentionProblem(1, 2, 1, 96, 32, 1.5, True, "float32")]
-    return [AttentionProblem(2, 16, 16, 4096, 64, 1.5, False, "bfloat16"),
-            AttentionProblem(2, 16, 16, 8192, 128, 1.5, True, "bfloat16")]
+    # four problems of similar cost: with several problems ``--gpus`` spreads whole problems
+    return [AttentionProblem(2, 16, 16, 2048, d, 1.5, causal, "bfloat16")
+            for d in (64, 128) for causal in (False, True)]
 
 
 def _run(problems: list[Any], backend: str, devices: tuple[str, ...], trials: int, *, seed: int,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help='torch backend, devices "cpu" x 1 and x 2')
     parser.add_argument("--gpus", default=None, help="comma list of GPU counts (default: 1, 2, 4, ... up to all)")
-    parser.add_argument("--trials", type=int, default=None, help="trials per problem (default 48; smoke 8)")
+    parser.add_argument("--trials", type=int, default=None, help="trials per problem (default 12; smoke 8)")
     parser.add_argument("--compile-workers", type=int, default=None, help="parallel compile processes")
     parser.add_argument("--warm-triton", action="store_true", help="share one pre-filled Triton cache")
     parser.add_argument("--seed", type=int, default=1)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(c < 1 or c > visible for c in counts):
         parser.error(f"GPU counts must be within 1..{visible}")
     backend = "torch" if smoke else "triton"
-    trials = args.trials or (8 if smoke else 48)
+    trials = args.trials or (8 if smoke else 12)
     workers = args.compile_workers
     if workers is None:
         workers = 0 if smoke else min(8, os.cpu_count() or 1)

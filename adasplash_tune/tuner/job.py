@@ -7,10 +7,12 @@ trial is checked against the fp64 oracle in a worker process and written to the 
 as soon as it finishes; the best valid config is upserted into the cache each time it improves.
 Re-running the same job resumes its studies instead of starting over.
 
-Several devices (``TuneOptions.devices``, ``tune --gpus 0,1``) each get an evaluation worker;
-the search then times one trial per device at once (batches compiled first when there is a
-compile pool) and tells results as they complete, still with one study and one cache writer
-(this process). Several jobs (processes, hosts) may share one study storage and one cache: see
+Several devices (``TuneOptions.devices``, ``tune --gpus 0,1``) each get an evaluation worker.
+With several problems, the problems are spread over the devices (largest first, each device
+tuning one problem at a time with its own worker and compile pool), so compiling, the oracle and
+timing all run in parallel. With one problem, its search times one trial per device at once
+(batches compiled first when there is a compile pool) and tells results as they complete. Either
+way there is one study storage and one cache writer (this process). Several jobs (processes, hosts) may share one study storage and one cache: see
 ``tuner.search`` for how they cooperate.
 
 The objective is the measured time of what the job tunes: the forward pass, or forward +
@@ -21,8 +23,11 @@ front, with the launch knobs held at the cached (or default) config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import random
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -137,6 +142,14 @@ def stage_budgets(total: int, stages: int) -> list[int]:
     return [max(1, base + (1 if i < rest else 0)) for i in range(stages)]
 
 
+def _cost(problem: Problem) -> float:
+    """Rough relative work of one trial (orders problems largest first across devices)."""
+    if problem.kernel == "adasplash":
+        work = problem.batch * problem.heads * problem.seq_len ** 2 * problem.head_dim
+        return work / 2 if problem.causal else work
+    return float(problem.rows * problem.cols)
+
+
 def _then(future: "Future[TrialResult]", convert: Callable[[TrialResult], Outcome]) -> "Future[Outcome]":
     """A future of ``convert(result)`` (errors pass through)."""
     out: Future[Outcome] = Future()
@@ -195,6 +208,7 @@ class TuneJob:
         self.strategy_cls = get_strategy(self.options.strategy)
         #: Trials timed per evaluator of a multi-device run (filled by ``run``).
         self.device_usage: list[int] = []
+        self._store_lock: threading.Lock | None = None  # set while device threads share the store
 
     # ------------------------------------------------------------------ setup
 
@@ -224,8 +238,9 @@ class TuneJob:
         """Defaults; in Pareto mode the launch knobs come from the cached entry when there is one."""
         values = space.default_values()
         if self.strategy_cls.multi_objective:
-            entry = self.store.get_exact(self.fingerprint["device_id"], self.kernel, self.backend,
-                                         self.kernel_hash, dict(key))
+            with self._guard():
+                entry = self.store.get_exact(self.fingerprint["device_id"], self.kernel, self.backend,
+                                             self.kernel_hash, dict(key))
             if entry is not None and not entry.failed_verify:
                 values = space.canonical(entry.config)
         return values
@@ -236,9 +251,11 @@ class TuneJob:
         import optuna
 
         storage = open_storage(self.options.storage or default_storage_url(self.options.cache))
+        deadline = None if self.options.time_budget is None else time.monotonic() + self.options.time_budget
+        if self.evaluator is None and len(self.options.device_list) > 1 and len(self.problems) > 1:
+            return self._run_spread(storage, deadline, optuna)
         if self.evaluator is None:
             self.evaluator = self._make_evaluator()
-        deadline = None if self.options.time_budget is None else time.monotonic() + self.options.time_budget
         results: list[ProblemResult] = []
         try:
             for index, problem in enumerate(self.problems):
@@ -257,26 +274,96 @@ class TuneJob:
                 self.evaluator = None
         return results
 
-    def _make_evaluator(self) -> Evaluator | EvaluatorPool:
-        """One evaluator, or a pool of one per device (all of the fingerprinted model)."""
+    def _run_spread(self, storage: Any, deadline: float | None, optuna: Any) -> list[ProblemResult]:
+        """Problems spread over the devices: one thread per device takes the largest problem not
+        started yet and tunes it with that device's own evaluator (worker and compile pool)."""
         devices = self.options.device_list
+        self._check_same_model(devices)
+        workers_each = self.options.compile_workers // len(devices)
+        kwargs = self._evaluator_kwargs(devices)
+        todo: queue.Queue[int] = queue.Queue()
+        for index in sorted(range(len(self.problems)), key=lambda i: -_cost(self.problems[i])):
+            todo.put(index)
+        results: dict[int, ProblemResult] = {}
+        errors: list[BaseException] = []
+        self.device_usage = [0] * len(devices)
+        self._store_lock = threading.Lock()
+        progress, progress_lock = self.progress, threading.Lock()
+        if progress is not None:
+            def locked_progress(event: ProgressEvent) -> None:
+                with progress_lock:
+                    progress(event)
+
+            self.progress = locked_progress
+
+        def device_loop(slot: int, device: str) -> None:
+            evaluator = Evaluator(device, compile_workers=workers_each, **kwargs)
+            try:
+                while not errors:
+                    try:
+                        index = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    problem = self.problems[index]
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        results[index] = ProblemResult(problem, problem.key(self.backend), "skipped")
+                        continue
+                    share = None
+                    if deadline is not None:  # this problem's fair part of what is left on all devices
+                        left = todo.qsize() + 1
+                        share = min(deadline, now + (deadline - now) * len(devices) / left)
+                    log.info("%s: tuning %s", device, problem.label())
+                    results[index] = self._tune(problem, index, storage, share, optuna, evaluator)
+                    self.device_usage[slot] += results[index].evaluated
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(exc)
+            finally:
+                evaluator.close()
+
+        threads = [threading.Thread(target=device_loop, args=(slot, device), daemon=True,
+                                    name=f"adasplash-tune-{device}") for slot, device in enumerate(devices)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            self.progress = progress
+            self._store_lock = None
+        if errors:
+            raise errors[0]
+        return [results[i] for i in range(len(self.problems))]
+
+    def _evaluator_kwargs(self, devices: Sequence[str]) -> dict[str, Any]:
         threads = self.options.threads
         if threads is None and not str(devices[0]).startswith("cuda"):
             threads = 1  # one thread times small CPU problems far more steadily
-        kwargs = {"trial_timeout": self.options.trial_timeout, "threads": threads}
+        return {"trial_timeout": self.options.trial_timeout, "threads": threads}
+
+    def _check_same_model(self, devices: Sequence[str]) -> None:
+        if not any(str(d).startswith("cuda") for d in devices):
+            return
+        from ..device import fingerprint as device_fingerprint
+
+        for device in devices[1:]:
+            other = device_fingerprint(device).as_dict()
+            if other.get("device_id") != self.fingerprint.get("device_id"):
+                raise ValueError(f"{device} is a {other.get('name')}, {devices[0]} a "
+                                 f"{self.fingerprint.get('name')}: tune different GPU models in separate runs")
+
+    def _make_evaluator(self) -> Evaluator | EvaluatorPool:
+        """One evaluator, or a pool of one per device (all of the fingerprinted model)."""
+        devices = self.options.device_list
+        kwargs = self._evaluator_kwargs(devices)
         if len(devices) == 1:
             return Evaluator(devices[0], compile_workers=self.options.compile_workers, **kwargs)
-        if any(str(d).startswith("cuda") for d in devices):
-            from ..device import fingerprint as device_fingerprint
-
-            for device in devices[1:]:
-                other = device_fingerprint(device).as_dict()
-                if other.get("device_id") != self.fingerprint.get("device_id"):
-                    raise ValueError(f"{device} is a {other.get('name')}, {devices[0]} a "
-                                     f"{self.fingerprint.get('name')}: tune different GPU models in separate runs")
+        self._check_same_model(devices)
         return EvaluatorPool.for_devices(devices, compile_workers=self.options.compile_workers, **kwargs)
 
-    def _tune(self, problem: Problem, index: int, storage: Any, deadline: float | None, optuna: Any) -> ProblemResult:
+    def _tune(self, problem: Problem, index: int, storage: Any, deadline: float | None, optuna: Any,
+              evaluator: Any = None) -> ProblemResult:
+        evaluator = self.evaluator if evaluator is None else evaluator
         t0 = time.monotonic()
         key = problem.key(self.backend)
         space = self.space_for(problem)
@@ -292,17 +379,17 @@ class TuneJob:
         log.info("tuning %s (%s): %s", problem.label(), objective, space.describe().splitlines()[0])
 
         def evaluate(values: Mapping[str, Any]) -> Outcome:
-            return _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+            return _outcome(evaluator.evaluate(self._request(problem, space, values, backward)))
 
         def prepare(batch: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
             reqs = [self._request(problem, space, v, backward) for v in batch]
-            compiled = self.evaluator.compile(reqs)
+            compiled = evaluator.compile(reqs)
             return [None if r.ok else _outcome(r) for r in compiled]
 
-        workers = int(getattr(self.evaluator, "capacity", 1))
+        workers = int(getattr(evaluator, "capacity", 1))
 
         def submit(values: Mapping[str, Any]) -> "Future[Outcome]":
-            return _then(self.evaluator.submit(self._request(problem, space, values, backward)), _outcome)
+            return _then(evaluator.submit(self._request(problem, space, values, backward)), _outcome)
 
         carry = 0  # trials a stage left unused because its space ran out go to the next stage
         for stage_index, ((stage, free), budget) in enumerate(zip(plan, budgets)):
@@ -339,8 +426,8 @@ class TuneJob:
             concurrent = workers > 1
             search = StageSearch(
                 study, strategy, space, budget=budget, evaluate=evaluate, deadline=stage_deadline,
-                prepare=prepare if self.evaluator.compile_workers > 0 else None,
-                batch=max(1, self.evaluator.compile_workers), start=best_values, on_trial=on_trial,
+                prepare=prepare if evaluator.compile_workers > 0 else None,
+                batch=max(1, evaluator.compile_workers), start=best_values, on_trial=on_trial,
                 submit=submit if concurrent else None, workers=workers,
             )
             stage_result = search.run()
@@ -362,7 +449,7 @@ class TuneJob:
                 result.front = [self._front_row(v, o, space) for v, o in stage_result.front]
 
         if result.default_ms is None and plan and not space.is_valid(default_values):
-            result.default_ms = self._baseline(problem, space, backward)
+            result.default_ms = self._baseline(problem, space, backward, evaluator)
         result.trials = counted_before
         result.wall_s = time.monotonic() - t0
         if best is not None:
@@ -374,20 +461,21 @@ class TuneJob:
             result.error = outcome.error
             result.grad_error = outcome.attrs.get("grad_error")
         elif not plan:
-            result.status = "tuned" if self._fixed_point(problem, space, backward, result) else "no-valid-config"
+            result.status = "tuned" if self._fixed_point(problem, space, backward, result, evaluator) else "no-valid-config"
         return result
 
-    def _baseline(self, problem: Problem, space: SearchSpace, backward: bool) -> float | None:
+    def _baseline(self, problem: Problem, space: SearchSpace, backward: bool, evaluator: Any) -> float | None:
         """Time of the declared default when it is not a point of the pruned space (e.g. a tile
         wider than the problem, which the kernel clamps): measured once, for the speed-up only."""
         values = space.default_values()
-        outcome = _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+        outcome = _outcome(evaluator.evaluate(self._request(problem, space, values, backward)))
         return outcome.objective if outcome.ok else None
 
-    def _fixed_point(self, problem: Problem, space: SearchSpace, backward: bool, result: ProblemResult) -> bool:
+    def _fixed_point(self, problem: Problem, space: SearchSpace, backward: bool, result: ProblemResult,
+                     evaluator: Any) -> bool:
         """A space with no free knob: measure its single config once."""
         values = space.default_values()
-        outcome = _outcome(self.evaluator.evaluate(self._request(problem, space, values, backward)))
+        outcome = _outcome(evaluator.evaluate(self._request(problem, space, values, backward)))
         result.trials = result.evaluated = 1
         if not outcome.ok:
             return False
@@ -398,6 +486,10 @@ class TuneJob:
         return True
 
     # ------------------------------------------------------------------ pieces
+
+    def _guard(self) -> Any:
+        """The store's lock while device threads share it, else a no-op context."""
+        return self._store_lock if self._store_lock is not None else contextlib.nullcontext()
 
     def _request(self, problem: Problem, space: SearchSpace, values: Mapping[str, Any], backward: bool) -> TrialRequest:
         config, extras = space.split(values)
@@ -431,7 +523,8 @@ class TuneJob:
                       spread_ms=outcome.attrs.get("spread_ms"), error=outcome.error, trials=int(trials),
                       strategy=self.options.strategy, provenance=provenance)
         try:
-            stored = bool(self.store.upsert_best(entry))
+            with self._guard():
+                stored = bool(self.store.upsert_best(entry))
         except ValueError as exc:  # an entry the cache rejects is a bug worth a loud log line
             log.warning("cache rejected the tuned entry for %s: %s", dict(key), exc)
             return False
@@ -443,8 +536,9 @@ class TuneJob:
                         outcome: Outcome) -> None:
         config, _ = space.split(values)
         try:
-            self.store.record_failure(dict(self.fingerprint), self.kernel, self.backend, self.kernel_hash,
-                                      dict(key), config, outcome.status, str(outcome.attrs.get("detail", "")))
+            with self._guard():
+                self.store.record_failure(dict(self.fingerprint), self.kernel, self.backend, self.kernel_hash,
+                                          dict(key), config, outcome.status, str(outcome.attrs.get("detail", "")))
         except ValueError as exc:
             log.warning("could not record failure %s for %s: %s", outcome.status, config, exc)
 

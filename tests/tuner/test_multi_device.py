@@ -3,6 +3,7 @@ one cache writer; on CPU two "devices" ("cpu", "cpu") stand in for two GPUs."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 
@@ -126,6 +127,27 @@ def test_two_cpu_workers_tune_like_one(store, tmp_path):
     [one] = _job(store, one_url, devices=("cpu",), trials=6).run()
     assert one.trials == one.evaluated == 6
     assert _configs(_counted(one_url)) == _configs(counted)  # grid: the same six points
+
+
+def test_several_problems_are_spread_over_the_devices(store, tmp_path):
+    """With several problems each device tunes whole problems with its own worker (compile,
+    oracle and timing all in parallel): every problem is tuned once, into one cache, and the
+    results come back in the order the problems were given."""
+    problems = [PROBLEM, AttentionProblem(1, 2, 2, 33, 16, 2.0, False), AttentionProblem(1, 1, 1, 70, 32, 1.5, False)]
+    url = f"sqlite:///{tmp_path / 'spread.sqlite'}"
+    opts = TuneOptions(strategy="grid", trials=3, storage=url, seed=3, timing=QUICK, devices=("cpu", "cpu"))
+    events = []
+    job = TuneJob(problems, kernel="adasplash", backend="torch", store=store, options=opts,
+                  progress=events.append)
+    results = job.run()
+    assert [r.problem for r in results] == problems
+    assert all(r.status == "tuned" and r.trials == r.evaluated == 3 and r.stored for r in results)
+    assert len(job.device_usage) == 2 and all(n > 0 for n in job.device_usage)
+    assert sum(job.device_usage) == 9
+    assert {e.problem_index for e in events} == {1, 2, 3}
+    keys = {json.dumps(e.key, sort_keys=True) for e in store.entries()}
+    assert keys == {json.dumps(r.key, sort_keys=True) for r in results}
+    assert len(_counted(url)) == 9
 
 
 def test_pool_and_options_reject_bad_input():
