@@ -58,6 +58,25 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 
+def _space_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[Any, ...]]:
+    """``("niter=2,3,8", "fwd_warps=4")`` -> {"niter": (2, 3, 8), "fwd_warps": (4,)} (values parsed
+    as JSON numbers where they are numbers, else kept as text)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for item in value:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not raw.strip():
+            raise click.BadParameter(f"expected KNOB=V1,V2,..., got {item!r}")
+        choices = []
+        for token in (t.strip() for t in raw.split(",") if t.strip()):
+            try:
+                choices.append(json.loads(token))
+            except ValueError:
+                choices.append(token)
+        out[name] = tuple(choices)
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -137,11 +156,15 @@ class _Progress:
 @click.option("--cache", default=None, help=CACHE_HELP)
 @click.option("--from-record", type=click.Path(exists=True, dir_okay=False),
               help="Tune the problems in an ADASPLASH_TUNE_RECORD file, most frequent first.")
-@click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list: one evaluation worker per GPU, all "
-              "feeding one study and one cache (the GPUs must be the same model; default: GPU 0).")
+@click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list: one evaluation worker per GPU (several "
+              "problems are spread over the GPUs; one problem's trials are timed on all of them), one "
+              "study storage and one cache (the GPUs must be the same model; default: GPU 0).")
 @click.option("--storage", default=None, help="Optuna storage URL for the studies (default: studies.sqlite "
               "beside the cache). Re-running the same command resumes from it; tuners on several hosts "
               "pointed at one database server share the trials.")
+@click.option("--space", "space", multiple=True, callback=_space_list, metavar="KNOB=V1,V2",
+              help="Bound the search space: KNOB keeps only the listed choices (repeatable; see the knobs "
+              "and their choices with --debug or in the kernel declarations).")
 @click.option("--seed", type=int, default=None, help="Seed for inputs and samplers (default: fresh).")
 @click.option("--backward/--forward-only", default=None,
               help="Tune forward+backward time (default: when the kernel declares backward knobs).")
@@ -151,8 +174,8 @@ class _Progress:
               help="Seconds one trial may take before its worker is killed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
-         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, seed, backward,
-         compile_workers, trial_timeout, as_json) -> None:
+         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, space, seed,
+         backward, compile_workers, trial_timeout, as_json) -> None:
     """Tune problems on this machine and write the best configs to the cache."""
     import os
 
@@ -188,7 +211,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     options = TuneOptions(
         strategy=strategy, trials=trials or _DEFAULTS[(kernel, has_gpu)]["trials"], time_budget=time_budget,
         seed=seed, backward=backward, storage=storage, cache=cache, devices=devices,
-        compile_workers=compile_workers, trial_timeout=trial_timeout,
+        compile_workers=compile_workers, trial_timeout=trial_timeout, restrict=space,
     )
     try:
         store = open_store(cache)

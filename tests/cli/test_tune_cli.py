@@ -90,6 +90,21 @@ def test_tune_from_record_tunes_the_most_frequent_key_first(tmp_path):
     assert [r["problem"]["rows"] for r in rows] == [300, 10]
 
 
+def test_space_bounds_the_search(tmp_path):
+    """--space KNOB=V1,V2 keeps only those choices: every evaluated trial stays inside them."""
+    result = run("tune", "--backend", "torch", "--seq-len", "40", "--head-dim", "16", "--heads", "1",
+                 "--batch", "1", "--trials", "4", "--seed", "4", "--strategy", "grid", "--json",
+                 "--space", "niter=6,8", "--space", "q_chunk=16,32", *_storage(tmp_path))
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["status"] == "tuned" and row["trials"] == 4
+    assert row["config"]["niter"] in (6, 8) and row["config"]["q_chunk"] in (16, 32)
+    bad = run("tune", "--backend", "torch", "--seq-len", "40", "--trials", "1", "--space", "niter=7",
+              *_storage(tmp_path))
+    assert bad.exit_code == 1 and "leaves no choice" in bad.output
+    assert run("tune", "--backend", "torch", "--space", "niter").exit_code == 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--alpha", "2.5"], "alpha must be in (1, 2]"),
     (["--seq-len", "abc"], "comma list of integers"),
