@@ -3,7 +3,9 @@
 One program owns ``tau_block_m`` query rows of one head and sweeps their keys in ``tau_block_n``
 tiles: first for the row max (which gives the bracket ``[m - 1, m - n^(1-alpha)]``), then up to
 ``niter`` times for ``f, f', f''`` at the current tau. It stops early once every row's Halley step
-is at most ``tau_tol`` (the loop count is decided on the device: no host synchronisation).
+is at most ``tau_tol`` times the row's support width ``max z - tau`` (relative, so flat rows with
+thousands of keys in their support converge as far as peaked ones; the loop count is decided on
+the device: no host synchronisation).
 
 The block mask, at (``mask_m`` x ``mask_n``) granularity, is written on the way: a tile is active
 when any of its scores exceeds a lower bound of the final tau, so the mask is a superset of the
@@ -212,7 +214,10 @@ def _tau_kernel(
         new = tl.where(inside, cand, 0.5 * (lo + hi))
         new = tl.where(f == 0, tau, new)
         new = tl.where(empty, BIG, new)
-        step = tl.where(empty, 0.0, tl.abs(new - tau))
+        # the step relative to the row's support width (max z - tau): a flat row (many keys in
+        # its support, width down to n^(1-alpha)) needs a proportionally smaller absolute step
+        width = tl.maximum(zmax - new, 1e-6)
+        step = tl.where(empty, 0.0, tl.abs(new - tau) / width)
         tau = new
         it += 1
         go = (it < niter) & (tl.max(step, axis=0) > tol)

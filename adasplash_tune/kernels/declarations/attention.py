@@ -24,10 +24,12 @@ TORCH = KernelSpec(
              "kernels/declarations/attention.py"),
 )
 
-#: ``tau_tol="auto"``: the early-exit Halley step (z units) per dtype and alpha class, chosen on
-#: simulated rows (randn and clustered keys, N = 4096 and 16384) so that tau's share of the output
-#: error stays near 1e-3 for 16-bit inputs and 1e-6 for float32. alpha = 1.5 converges fastest;
-#: alpha = 2 is Newton (quadratic) and other alphas need a tighter step in z units.
+#: ``tau_tol="auto"``: the early-exit Halley step, relative to the row's support width
+#: ``max z - tau``, per dtype and alpha class, so that tau's share of the output error stays near
+#: 1e-3 for 16-bit inputs and 1e-6 for float32. alpha = 1.5 converges fastest; alpha = 2 is
+#: Newton (quadratic) and other alphas need a tighter step. Relative, because flat rows (a support
+#: of thousands of keys, width down to n^(1-alpha)) lost 5% accuracy at N = 16384 under an
+#: absolute step in z units (benchmarks/results/h200-sparsity.json, "local" inputs at s = 1).
 TAU_TOL_AUTO = {("16bit", "1.5"): 0.1, ("16bit", "other"): 0.03, ("float32", "any"): 0.003}
 
 # Stages (tuner): "tau_*", "niter" and "mask_*" are the tau / mask stage, "fwd_*" the sparse
@@ -43,7 +45,8 @@ _TRITON_PARAMS = (
     Param("tau_init", ("mid", "lo"), "mid",
           "first tau: midpoint of [max-1, max-n^(1-alpha)] or its lower end", accuracy=True),
     Param("tau_tol", ("auto", 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0), "auto",
-          "stop sweeping once every row's Halley step is at most this (0: always niter sweeps)",
+          "stop sweeping once every row's Halley step is at most this fraction of its support "
+          "width max z - tau (0: always niter sweeps)",
           accuracy=True),
     Param("mask_m", TILES, 64, "query rows per block-mask tile"),
     Param("mask_n", TILES, 64, "keys per block-mask tile"),
