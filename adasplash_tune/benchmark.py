@@ -35,6 +35,7 @@ class BenchRow:
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    host_ms: float | None = None  # the host's dispatch time of one call (CUDA; above time_ms: host-bound)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +138,7 @@ def bench_problem(problem: Problem, *, backend: str, device: str, backward: bool
             with torch.no_grad():
                 fwd = measure(lambda: run(inputs), device, options)
             rows.append(BenchRow(problem.to_dict(), problem.label(), name, "fwd", fwd.median_ms, fwd.spread_ms,
-                                 source, config, note))
+                                 source, config, note, fwd.host_ms))
             if backward:
                 def step():
                     out = run(inputs)
@@ -145,7 +146,7 @@ def bench_problem(problem: Problem, *, backend: str, device: str, backward: bool
 
                 both = measure(step, device, options)
                 rows.append(BenchRow(problem.to_dict(), problem.label(), name, "fwd+bwd", both.median_ms,
-                                     both.spread_ms, source, config, note))
+                                     both.spread_ms, source, config, note, both.host_ms))
         except Exception as exc:  # one failing method must not end the comparison
             log.warning("bench %s / %s failed: %s", problem.label(), name, exc)
             rows.append(BenchRow(problem.to_dict(), problem.label(), name, "fwd", None, None, source, config,
@@ -175,7 +176,8 @@ def speedups(rows: list[BenchRow]) -> dict[str, float]:
 
 
 def plot_rows(rows: list[dict[str, Any]], path: str) -> None:
-    """Time vs N per method, log scale, one panel per (head dim, causal) and pass kind."""
+    """Time vs N, log scale: one panel per (head dim, causal) and pass kind (a grid of rows by
+    head dim x causal, columns by pass), one line per method and alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,20 +186,37 @@ def plot_rows(rows: list[dict[str, Any]], path: str) -> None:
     att = [r for r in rows if r["problem"].get("kernel") == "adasplash" and r["time_ms"]]
     if not att:
         raise ValueError("no attention timings to plot")
-    panels = sorted({(r["problem"]["head_dim"], r["problem"]["causal"], r["passes"]) for r in att})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (d, causal, passes) in zip(axes[0], panels):
-        sub = [r for r in att if (r["problem"]["head_dim"], r["problem"]["causal"], r["passes"]) == (d, causal, passes)]
-        for method in sorted({r["method"] for r in sub}):
-            pts = sorted((r["problem"]["seq_len"], r["time_ms"]) for r in sub if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"D={d} {'causal' if causal else 'non-causal'} {passes}", fontsize=9)
-        ax.set_xlabel("N")
-        ax.set_ylabel("ms")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    groups = sorted({(r["problem"]["head_dim"], r["problem"]["causal"]) for r in att})
+    passes_all = sorted({r["passes"] for r in att})
+    alphas = sorted({r["problem"]["alpha"] for r in att})
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(len(groups), len(passes_all), figsize=(5.0 * len(passes_all), 3.4 * len(groups)),
+                             squeeze=False)
+    for row, (d, causal) in enumerate(groups):
+        for col, passes in enumerate(passes_all):
+            ax = axes[row][col]
+            sub = [r for r in att if (r["problem"]["head_dim"], r["problem"]["causal"], r["passes"]) ==
+                   (d, causal, passes)]
+            for m_index, method in enumerate(sorted({r["method"] for r in sub})):
+                for a_index, alpha in enumerate(alphas):
+                    pts = sorted((r["problem"]["seq_len"], r["time_ms"]) for r in sub
+                                 if r["method"] == method and r["problem"]["alpha"] == alpha)
+                    if not pts:
+                        continue
+                    dense = method in ("sdpa", "softmax")  # alpha does not apply to them
+                    if dense and a_index > 0:
+                        continue
+                    label = method if dense or len(alphas) == 1 else f"{method} a={alpha:g}"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                            color=f"C{m_index}", linestyle=styles[0 if dense else a_index % len(styles)],
+                            label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"D={d} {'causal' if causal else 'non-causal'} {passes}", fontsize=9)
+            ax.set_xlabel("N")
+            ax.set_ylabel("ms")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

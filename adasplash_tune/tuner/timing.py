@@ -1,7 +1,13 @@
 """Timing one callable: warm-up, then many reps; median and spread.
 
 CUDA: events around each rep, with the L2 cache flushed (a buffer twice its size is rewritten)
-before every rep, so no rep reads what the previous one left in cache. CPU: ``perf_counter``.
+before every rep, so no rep reads what the previous one left in cache. A spin kernel is queued
+ahead of each rep, lasting twice the host's measured dispatch time of one call, so that the
+device is still busy while Python issues the rep's launches: the events then time the kernels,
+not the dispatch (which, for a 0.1 ms kernel or a small forward+backward step, would otherwise be
+most of the reading and hide the differences between configs). The dispatch time itself is
+reported as ``host_ms``: a call is host-bound when it exceeds ``median_ms``.
+CPU: ``perf_counter``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,18 @@ from typing import Callable
 __all__ = ["TimingOptions", "Timing", "measure"]
 
 _DEFAULT_L2_BYTES = 64 << 20
+
+#: Least GPU clock cycles of the spin kernel queued before each CUDA rep (~0.5 ms at 2 GHz).
+_SPIN_CYCLES = 1_000_000
+#: Most spin cycles (~0.1 s at 2 GHz), whatever the dispatch time.
+_SPIN_CYCLES_MAX = 200_000_000
+#: Cycles per millisecond the spin is sized with (2 GHz; a slower clock only spins longer).
+_CYCLES_PER_MS = 2_000_000
+
+
+def _spin_cycles(host_ms: float) -> int:
+    """Spin long enough to cover twice the host's dispatch time of one call."""
+    return int(min(_SPIN_CYCLES_MAX, max(_SPIN_CYCLES, 2.0 * host_ms * _CYCLES_PER_MS)))
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class Timing:
     median_ms: float
     spread_ms: float  # interquartile range of the reps
     reps: int
+    host_ms: float | None = None  # CUDA: the host's dispatch time of one call (median)
 
 
 def _summary(times: list[float]) -> Timing:
@@ -87,18 +106,26 @@ def _measure_cuda(fn: Callable[[], object], device, opts: TimingOptions) -> Timi
     end.record()
     torch.cuda.synchronize(device)
     estimate = begin.elapsed_time(end) / 3
-    for _ in range(_reps(estimate, opts.warmup_ms, 1, opts.max_reps)):
+    host = []
+    for _ in range(_reps(estimate, opts.warmup_ms, 3, opts.max_reps)):
+        torch.cuda._sleep(_SPIN_CYCLES)  # the device is busy: the call's host time alone is measured
+        start = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - start) * 1e3)
+    host_ms = statistics.median(host)
+    spin = _spin_cycles(host_ms)
     n = _reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
+        torch.cuda._sleep(spin)
         flush.zero_()
         starts[i].record()
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    timing = _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return Timing(timing.median_ms, timing.spread_ms, timing.reps, host_ms)
 
 
 def measure(fn: Callable[[], object], device: str = "cpu", options: TimingOptions | None = None) -> Timing:

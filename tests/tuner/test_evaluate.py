@@ -124,3 +124,13 @@ def test_the_triton_interpreter_path_runs_under_the_gate(store, storage_url, mon
     assert result.status == "tuned" and result.config["niter"] == 10
     assert result.error <= tolerance(__import__("torch").float32)
     assert {f["reason"] for f in store.failures(kernel="entmax")} == {"accuracy"}
+
+
+def test_the_cuda_spin_covers_twice_the_dispatch_time_within_bounds():
+    from adasplash_tune.tuner import timing
+
+    assert timing._spin_cycles(0.01) == timing._SPIN_CYCLES  # never below the floor
+    assert timing._spin_cycles(3.0) == int(2 * 3.0 * timing._CYCLES_PER_MS)
+    assert timing._spin_cycles(1e6) == timing._SPIN_CYCLES_MAX
+    cpu = timing.measure(lambda: sum(range(200)), "cpu", QUICK)
+    assert cpu.host_ms is None and cpu.median_ms > 0 and cpu.reps >= QUICK.min_reps

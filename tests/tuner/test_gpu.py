@@ -31,6 +31,23 @@ def test_cuda_event_timing_is_positive_and_ordered():
     assert 0 < t_small.median_ms < t_large.median_ms and t_large.reps >= QUICK.min_reps
 
 
+def test_host_bound_calls_are_timed_by_their_kernels():
+    """A call whose Python dispatch (sleep 2 ms) dwarfs its kernel: the spin ahead covers the
+    dispatch, so the reading is the kernel's time and host_ms reports the dispatch."""
+    import time
+
+    x = torch.randn(1024, 1024, device="cuda")
+    kernel = measure(lambda: x @ x, "cuda:0", QUICK)
+
+    def slow_host():
+        time.sleep(0.002)
+        return x @ x
+
+    hosted = measure(slow_host, "cuda:0", QUICK)
+    assert hosted.host_ms is not None and hosted.host_ms >= 2.0
+    assert hosted.median_ms < 1.0 and hosted.median_ms < 3 * kernel.median_ms + 0.05
+
+
 def test_real_cuda_faults_are_typed_and_the_worker_is_replaced():
     problem = EntmaxProblem(rows=64, cols=1000, alpha=1.5, dtype="bfloat16")
     base = {"block_n": 1024, "rows": 1, "num_warps": 4, "num_stages": 1}
