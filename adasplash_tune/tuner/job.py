@@ -269,6 +269,8 @@ class TuneJob:
         finally:
             if isinstance(self.evaluator, EvaluatorPool):
                 self.device_usage = list(self.evaluator.usage)
+            else:
+                self.device_usage = [sum(r.evaluated for r in results)]
             if self._own_evaluator and self.evaluator is not None:
                 self.evaluator.close()
                 self.evaluator = None
