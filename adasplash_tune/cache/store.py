@@ -432,6 +432,14 @@ class ConfigStore:
         report = self._store_valid([checked], "faster")
         return report.added + report.replaced > 0
 
+    def replace(self, entry: Entry) -> None:
+        """Store ``entry`` whatever the stored one's time: a re-measured entry (the tuner's
+        confirmation of its winner against the default) supersedes the search's reading."""
+        self._writable()
+        checked = validate_entry(entry)
+        checked.provenance = {**_local_provenance(), **checked.provenance}
+        self._store_valid([checked], "replace")
+
     def upsert_many(self, entries: Iterable[Entry], policy: str = "faster") -> ImportReport:
         """Merge many entries in one transaction; invalid ones are rejected and counted."""
         self._writable()
@@ -670,6 +678,8 @@ def _wins(new: Entry, old: TunedEntry, policy: str) -> bool:
     """Does the incoming entry replace the stored row under ``policy``?"""
     if policy == "keep":
         return False
+    if policy == "replace":  # internal: ConfigStore.replace
+        return True
     if policy == "newer":
         return (new.updated_at or _OLDEST) > (old.updated_at or _OLDEST)
     if old.failed_verify != new.failed_verify:

@@ -165,6 +165,9 @@ class _Progress:
 @click.option("--space", "space", multiple=True, callback=_space_list, metavar="KNOB=V1,V2",
               help="Bound the search space: KNOB keeps only the listed choices (repeatable; see the knobs "
               "and their choices with --debug or in the kernel declarations).")
+@click.option("--confirm", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Re-time the winner and the default alternately this many times each at the end; the "
+              "winner is stored only if its median beats the default's (0: store the search's fastest).")
 @click.option("--seed", type=int, default=None, help="Seed for inputs and samplers (default: fresh).")
 @click.option("--backward/--forward-only", default=None,
               help="Tune forward+backward time (default: when the kernel declares backward knobs).")
@@ -174,8 +177,8 @@ class _Progress:
               help="Seconds one trial may take before its worker is killed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
-         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, space, seed,
-         backward, compile_workers, trial_timeout, as_json) -> None:
+         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, space, confirm,
+         seed, backward, compile_workers, trial_timeout, as_json) -> None:
     """Tune problems on this machine and write the best configs to the cache."""
     import os
 
@@ -211,7 +214,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     options = TuneOptions(
         strategy=strategy, trials=trials or _DEFAULTS[(kernel, has_gpu)]["trials"], time_budget=time_budget,
         seed=seed, backward=backward, storage=storage, cache=cache, devices=devices,
-        compile_workers=compile_workers, trial_timeout=trial_timeout, restrict=space,
+        compile_workers=compile_workers, trial_timeout=trial_timeout, restrict=space, confirm=confirm,
     )
     try:
         store = open_store(cache)
@@ -237,7 +240,8 @@ def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) 
             "problem": r.problem.to_dict(), "key": r.key, "status": r.status, "config": r.config,
             "time_ms": r.time_ms, "spread_ms": r.spread_ms, "default_ms": r.default_ms, "speedup": r.speedup,
             "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "evaluated": r.evaluated,
-            "failures": r.failures, "objective": r.objective, "stored": r.stored, "front": r.front,
+            "failures": r.failures, "objective": r.objective, "stored": r.stored, "confirmed": r.confirmed,
+            "front": r.front,
         } for r in results], indent=2, default=str))
         return
     click.echo(format_summary(results))

@@ -48,6 +48,9 @@ log = logging.getLogger("adasplash_tune")
 
 TOOL = "adasplash-tune tune"
 
+#: Study user attribute holding the verdict of the final duel (winner vs default).
+CONFIRM_ATTR = "adasplash_tune_confirmed"
+
 
 @dataclass
 class TuneOptions:
@@ -73,12 +76,17 @@ class TuneOptions:
     #: fraction of the tolerance: headroom, since the gate sees one input and users see others.
     accuracy_headroom: float = 0.5
     restrict: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # bounded spaces
+    #: Rounds of the final duel: the winner and the default re-timed alternately this many
+    #: times each; the default is kept unless the winner's median beats it (0: no duel).
+    confirm: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
             raise ValueError(f"trials must be a positive int, got {self.trials!r}")
         if not 0 < self.accuracy_headroom <= 1:
             raise ValueError(f"accuracy headroom must be in (0, 1], got {self.accuracy_headroom!r}")
+        if isinstance(self.confirm, bool) or not isinstance(self.confirm, int) or self.confirm < 0:
+            raise ValueError(f"confirm must be an int >= 0, got {self.confirm!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time budget must be positive seconds, got {self.time_budget!r}")
         if self.devices is not None:
@@ -124,6 +132,9 @@ class ProblemResult:
     evaluated: int = 0  # trials this run evaluated
     failures: int = 0
     stored: bool = False
+    #: The winner and the default were re-timed side by side (``TuneOptions.confirm``): time_ms and
+    #: default_ms are those medians, and a winner that did not beat the default was replaced by it.
+    confirmed: bool = False
     objective: str = "fwd"
     front: list[dict[str, Any]] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)
@@ -148,6 +159,14 @@ def _cost(problem: Problem) -> float:
         work = problem.batch * problem.heads * problem.seq_len ** 2 * problem.head_dim
         return work / 2 if problem.causal else work
     return float(problem.rows * problem.cols)
+
+
+def _median_outcome(outcomes: Sequence[Outcome]) -> Outcome:
+    """The run at the median objective (its measurements), noting how many runs it stands for."""
+    ranked = sorted(outcomes, key=lambda o: o.objective)
+    middle = ranked[(len(ranked) - 1) // 2]
+    return Outcome(ok=True, objective=middle.objective, error=middle.error, status="ok",
+                   attrs={**middle.attrs, "confirmed_runs": len(ranked)})
 
 
 def _then(future: "Future[TrialResult]", convert: Callable[[TrialResult], Outcome]) -> "Future[Outcome]":
@@ -378,6 +397,7 @@ class TuneJob:
         budgets = stage_budgets(self.options.trials, len(plan)) if plan else []
         best: tuple[dict[str, Any], Outcome] | None = None
         counted_before = 0
+        last_study: Any = None
         log.info("tuning %s (%s): %s", problem.label(), objective, space.describe().splitlines()[0])
 
         def evaluate(values: Mapping[str, Any]) -> Outcome:
@@ -409,6 +429,7 @@ class TuneJob:
             directions = ["minimize", "minimize"] if strategy.multi_objective else ["minimize"]
             study = optuna.create_study(storage=storage, study_name=name, sampler=strategy.sampler(),
                                         directions=directions, load_if_exists=True)
+            last_study = study
 
             def on_trial(values: Mapping[str, Any], outcome: Outcome, row: TraceRow,
                          stage: str = stage, base: int = counted_before) -> None:
@@ -452,6 +473,8 @@ class TuneJob:
 
         if result.default_ms is None and plan and not space.is_valid(default_values):
             result.default_ms = self._baseline(problem, space, backward, evaluator)
+        if best is not None and self.options.confirm and not self.strategy_cls.multi_objective:
+            best = self._confirm(problem, space, backward, best, evaluator, result, counted_before, last_study)
         result.trials = counted_before
         result.wall_s = time.monotonic() - t0
         if best is not None:
@@ -465,6 +488,57 @@ class TuneJob:
         elif not plan:
             result.status = "tuned" if self._fixed_point(problem, space, backward, result, evaluator) else "no-valid-config"
         return result
+
+    def _confirm(self, problem: Problem, space: SearchSpace, backward: bool, best: tuple[dict[str, Any], Outcome],
+                 evaluator: Any, result: ProblemResult, trials: int, study: Any) -> tuple[dict[str, Any], Outcome]:
+        """The duel against the winner's curse: the search keeps the lowest of many noisy readings,
+        so its winner's time is biased low. Re-time the winner and the declared default alternately
+        (``confirm`` rounds each); keep the winner only if its median beats the default's, and
+        store the confirmed median (replacing the search's reading). The verdict is kept in the
+        last stage's study, so re-running a finished job does not duel again."""
+        values, _ = best
+        default_values = space.default_values()
+        done = study.user_attrs.get(CONFIRM_ATTR) if study is not None else None
+        if isinstance(done, dict) and done.get("search_winner") == space.canonical(values):
+            result.confirmed = True
+            result.default_ms = done.get("default_ms", result.default_ms)
+            outcome = Outcome(ok=True, objective=done["objective"], error=done.get("error"), status="ok",
+                              attrs=dict(done.get("attrs") or {}))
+            return dict(done["config"]), outcome
+        contenders = {"best": values}
+        if space.canonical(values) != space.canonical(default_values):
+            contenders["default"] = default_values
+        runs: dict[str, list[Outcome]] = {name: [] for name in contenders}
+        for _ in range(self.options.confirm):
+            for name, candidate in contenders.items():
+                outcome = _outcome(evaluator.evaluate(self._request(problem, space, candidate, backward)))
+                if outcome.ok and outcome.objective is not None:
+                    runs[name].append(outcome)
+        medians = {name: _median_outcome(found) for name, found in runs.items() if found}
+        if "best" not in medians and "default" not in medians:
+            log.warning("%s: neither the winner nor the default ran again; keeping the search's result",
+                        problem.label())
+            return best
+        winner_name = "best"
+        if "default" in medians and ("best" not in medians or
+                                     medians["default"].objective <= medians["best"].objective):
+            winner_name = "default"
+        if "default" in medians:
+            result.default_ms = medians["default"].objective
+        elif winner_name == "best" and "default" not in contenders:
+            result.default_ms = medians["best"].objective  # the winner is the default
+        winner = (dict(contenders[winner_name]), medians[winner_name])
+        if winner_name == "default":
+            log.info("%s: the default (%.4g ms) matched the search's winner (%.4g ms) when re-timed; keeping it",
+                     problem.label(), medians["default"].objective,
+                     medians["best"].objective if "best" in medians else float("nan"))
+        result.confirmed = True
+        result.stored = self._upsert(problem, space, winner, trials, replace=True) or result.stored
+        if study is not None:
+            study.set_user_attr(CONFIRM_ATTR, {
+                "search_winner": space.canonical(values), "config": winner[0], "objective": winner[1].objective,
+                "error": winner[1].error, "attrs": winner[1].attrs, "default_ms": result.default_ms})
+        return winner
 
     def _baseline(self, problem: Problem, space: SearchSpace, backward: bool, evaluator: Any) -> float | None:
         """Time of the declared default when it is not a point of the pruned space (e.g. a tile
@@ -507,7 +581,7 @@ class TuneJob:
                 "ok": outcome.ok}
 
     def _upsert(self, problem: Problem, space: SearchSpace, best: tuple[dict[str, Any], Outcome],
-                trials: int) -> bool:
+                trials: int, replace: bool = False) -> bool:
         from ..cache.store import Entry
 
         values, outcome = best
@@ -520,13 +594,19 @@ class TuneJob:
                       "seed": self.seed}
         if extras:
             provenance["launch_extras"] = extras
+        if replace:
+            provenance["confirmed_runs"] = outcome.attrs.get("confirmed_runs")
         entry = Entry(kernel=self.kernel, backend=self.backend, device=dict(self.fingerprint),
                       kernel_hash=self.kernel_hash, key=dict(key), config=config, time_ms=outcome.objective,
                       spread_ms=outcome.attrs.get("spread_ms"), error=outcome.error, trials=int(trials),
                       strategy=self.options.strategy, provenance=provenance)
         try:
             with self._guard():
-                stored = bool(self.store.upsert_best(entry))
+                if replace:
+                    self.store.replace(entry)
+                    stored = True
+                else:
+                    stored = bool(self.store.upsert_best(entry))
         except ValueError as exc:  # an entry the cache rejects is a bug worth a loud log line
             log.warning("cache rejected the tuned entry for %s: %s", dict(key), exc)
             return False

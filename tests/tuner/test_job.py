@@ -139,3 +139,53 @@ def test_moving_an_accuracy_knob_off_its_default_needs_headroom(store, storage_u
     assert {g for n, g in gates.items() if n != default_niter} == {0.25}
     with pytest.raises(ValueError, match="headroom"):
         TuneOptions(accuracy_headroom=0)
+
+
+class LuckyFirstReading(TableEvaluator):
+    """A table whose configs ``lucky`` selects read 0.5 ms the first time they are timed and 3 ms
+    ever after (a noisy reading the search keeps as its minimum)."""
+
+    def __init__(self, table, lucky) -> None:
+        super().__init__(table)
+        self.lucky, self.seen = lucky, set()
+
+    def evaluate(self, request):
+        result = super().evaluate(request)
+        config = {**request.config, **request.extras}
+        if self.lucky(config):
+            ident = tuple(sorted(config.items()))
+            first = ident not in self.seen
+            self.seen.add(ident)
+            return type(result)("ok", fwd_ms=0.5 if first else 3.0, fwd_spread_ms=0.01, error=result.error,
+                                bwd_ms=0.0, grad_error=result.grad_error)
+        return result
+
+
+def test_the_final_duel_keeps_the_default_when_the_winner_was_a_lucky_reading(store, storage_url):
+    """The winner's curse: the search's winner read fast once; re-timed beside the default it is
+    slower, so the default is stored (with its re-timed median) and reported as the result."""
+    spec = get_spec("adasplash", "triton")
+    default = spec.default().as_dict()
+    evaluator = LuckyFirstReading(lambda c: (1.0, 1e-3), lambda c: c["fwd_warps"] != default["fwd_warps"])
+    job, _ = _triton_job(store, storage_url, evaluator, trials=12, confirm=3)
+    [result] = job.run()
+    assert result.confirmed and result.status == "tuned"
+    assert result.config == default and result.time_ms == pytest.approx(1.0) and result.default_ms == pytest.approx(1.0)
+    entry = store.get_exact(FAKE_GPU["device_id"], "adasplash", "triton", spec.source_hash(), PROBLEM.key("triton"))
+    assert entry.config == default and entry.time_ms == pytest.approx(1.0)
+    assert entry.provenance["confirmed_runs"] == 3
+    # the duel: 3 rounds of (winner, default), after the search's own 12 trials
+    duel = evaluator.calls[-6:]
+    assert [c == default for c in duel] == [False, True] * 3
+
+
+def test_the_final_duel_keeps_a_real_winner_and_stores_its_median(store, storage_url):
+    evaluator = TableEvaluator(log2_bowl(CENTRE))
+    job, _ = _triton_job(store, storage_url, evaluator, trials=30, confirm=2)
+    [result] = job.run()
+    assert result.confirmed and result.config != get_spec("adasplash", "triton").default().as_dict()
+    assert result.time_ms < result.default_ms and result.speedup > 1.0
+    # re-running the finished job neither searches nor duels again
+    again = TableEvaluator(log2_bowl(CENTRE))
+    [r2] = _triton_job(store, storage_url, again, trials=30, confirm=2)[0].run()
+    assert again.calls == [] and r2.config == result.config and r2.time_ms == result.time_ms and r2.confirmed

@@ -64,6 +64,7 @@ def _configs(trials) -> Counter:
 
 
 def _job(store, storage_url, evaluator=None, trials=9, **options):
+    options.setdefault("confirm", 0)  # these tests count the search's own evaluations
     opts = TuneOptions(strategy="grid", trials=trials, storage=storage_url, seed=3, timing=QUICK, **options)
     return TuneJob([PROBLEM], kernel="adasplash", backend="torch", store=store, options=opts, evaluator=evaluator,
                    fingerprint=FAKE_GPU if evaluator is not None else None)

@@ -62,7 +62,7 @@ def _other_tuner(url: str) -> optuna.Study:
 
 
 def _job(store, url, evaluator, trials=6):
-    opts = TuneOptions(strategy="grid", trials=trials, storage=url, seed=3)
+    opts = TuneOptions(strategy="grid", trials=trials, storage=url, seed=3, confirm=0)  # the search alone
     return TuneJob([PROBLEM], kernel="adasplash", backend="torch", store=store, options=opts, evaluator=evaluator,
                    fingerprint=FAKE_GPU)
 
@@ -165,7 +165,7 @@ def test_who_counts_as_gone():
 # --------------------------------------------------------------------------- two tuner processes
 
 ARGS = ["tune", "--backend", "torch", "--seq-len", "64", "--head-dim", "16", "--heads", "1", "--batch", "1",
-        "--strategy", "random", "--trials", "12", "--json"]
+        "--strategy", "random", "--trials", "12", "--confirm", "0", "--json"]  # the shared search alone
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
