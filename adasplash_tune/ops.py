@@ -25,6 +25,7 @@ and the Triton attention (``kernels/attention/op.py``'s ``adasplash_triton_forwa
 import functools
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -67,7 +68,21 @@ def _parse_or_none(text: str) -> Optional[Config]:
         return None
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about 1 s of
+    a process's first call): that decorator only sets the mark below, which dynamo reads when it
+    traces (tests/test_ops.py checks the mark is still the one torch sets)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    return _mark_constant(fn)
+
+
+def _mark_constant(fn: Callable) -> Callable:
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_constant_result
 def explicit_config_json(kernel: str, backend: str, config: Any) -> str:
     """A user-given config as the op's JSON ("" for None), evaluated once at trace time.
 
@@ -181,7 +196,7 @@ def attention_pair(backend: str) -> Optional[AttentionPair]:
     return AttentionPair(*(getattr(op, name) for name in names))
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def has_attention_op(backend: str) -> bool:
     """Whether the attention custom op can run ``backend`` (the torch backend always can)."""
     return attention_pair(backend) is not None

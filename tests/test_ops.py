@@ -270,3 +270,20 @@ def test_compiled_model_with_the_triton_backend_on_gpu(dtype):
     (ref * w.double()).sum().backward()
     assert relative_error(y, ref) <= tolerance(dtype)
     assert relative_error(got, lin.weight.grad) <= tolerance(dtype, grad=True)
+
+
+def test_the_constant_result_mark_is_the_one_torch_sets():
+    """ops marks its trace-time constants without importing torch._dynamo; the mark must stay the
+    one torch.compiler.assume_constant_result sets (fullgraph compiles rely on it)."""
+    from adasplash_tune import ops
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    ops_marked = dict(vars(ops._mark_constant(ours)))
+    torch_marked = dict(vars(torch.compiler.assume_constant_result(theirs)))
+    assert ops_marked == torch_marked == {"_dynamo_marked_constant": True}
+    assert ops.explicit_config_json._dynamo_marked_constant and ops.has_attention_op._dynamo_marked_constant
