@@ -51,6 +51,9 @@ TOOL = "adasplash-tune tune"
 #: Study user attribute holding the verdict of the final duel (winner vs default).
 CONFIRM_ATTR = "adasplash_tune_confirmed"
 
+#: Share of a problem's time (under a time budget) kept for the final duel.
+DUEL_SHARE = 0.15
+
 
 @dataclass
 class TuneOptions:
@@ -413,14 +416,18 @@ class TuneJob:
         def submit(values: Mapping[str, Any]) -> "Future[Outcome]":
             return _then(evaluator.submit(self._request(problem, space, values, backward)), _outcome)
 
+        duel = bool(self.options.confirm) and not self.strategy_cls.multi_objective
+        search_end = deadline
+        if deadline is not None and duel:  # the final duel's share of the problem's time
+            search_end = deadline - DUEL_SHARE * max(0.0, deadline - time.monotonic())
         carry = 0  # trials a stage left unused because its space ran out go to the next stage
         for stage_index, ((stage, free), budget) in enumerate(zip(plan, budgets)):
-            if deadline is not None and time.monotonic() >= deadline:
+            if search_end is not None and time.monotonic() >= search_end:
                 break
             budget += carry
             stage_deadline = None
-            if deadline is not None:
-                stage_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(plan) - stage_index)
+            if search_end is not None:
+                stage_deadline = time.monotonic() + (search_end - time.monotonic()) / (len(plan) - stage_index)
             fixed = {n: v for n, v in best_values.items() if n not in free}
             name = study_name(device_id=self.fingerprint["device_id"], kernel=self.kernel, backend=self.backend,
                               kernel_hash=self.kernel_hash, key=key, stage=stage, fixed=fixed,
@@ -473,8 +480,13 @@ class TuneJob:
 
         if result.default_ms is None and plan and not space.is_valid(default_values):
             result.default_ms = self._baseline(problem, space, backward, evaluator)
-        if best is not None and self.options.confirm and not self.strategy_cls.multi_objective:
-            best = self._confirm(problem, space, backward, best, evaluator, result, counted_before, last_study)
+        if best is not None and duel:
+            if deadline is None or time.monotonic() < deadline:
+                best = self._confirm(problem, space, backward, best, evaluator, result, counted_before, last_study,
+                                     deadline)
+            else:
+                log.info("%s: no time left for the final duel; the search's winner is stored unconfirmed",
+                         problem.label())
         result.trials = counted_before
         result.wall_s = time.monotonic() - t0
         if best is not None:
@@ -490,12 +502,14 @@ class TuneJob:
         return result
 
     def _confirm(self, problem: Problem, space: SearchSpace, backward: bool, best: tuple[dict[str, Any], Outcome],
-                 evaluator: Any, result: ProblemResult, trials: int, study: Any) -> tuple[dict[str, Any], Outcome]:
+                 evaluator: Any, result: ProblemResult, trials: int, study: Any,
+                 deadline: float | None = None) -> tuple[dict[str, Any], Outcome]:
         """The duel against the winner's curse: the search keeps the lowest of many noisy readings,
         so its winner's time is biased low. Re-time the winner and the declared default alternately
         (``confirm`` rounds each); keep the winner only if its median beats the default's, and
         store the confirmed median (replacing the search's reading). The verdict is kept in the
-        last stage's study, so re-running a finished job does not duel again."""
+        last stage's study, so re-running a finished job does not duel again. Under a time budget
+        the rounds after the first stop at ``deadline``."""
         values, _ = best
         default_values = space.default_values()
         done = study.user_attrs.get(CONFIRM_ATTR) if study is not None else None
@@ -509,7 +523,9 @@ class TuneJob:
         if space.canonical(values) != space.canonical(default_values):
             contenders["default"] = default_values
         runs: dict[str, list[Outcome]] = {name: [] for name in contenders}
-        for _ in range(self.options.confirm):
+        for round_index in range(self.options.confirm):
+            if round_index and deadline is not None and time.monotonic() >= deadline:
+                break
             for name, candidate in contenders.items():
                 outcome = _outcome(evaluator.evaluate(self._request(problem, space, candidate, backward)))
                 if outcome.ok and outcome.objective is not None:
