@@ -63,3 +63,23 @@ def test_the_loader_serves_shipped_entries_on_an_h200(tmp_path, monkeypatch):
     ekey = entmax_key(backend="triton", dtype="bfloat16", rows=4096, cols=8192, alpha=1.5)
     assert loader._lookup(get_spec("entmax", "triton"), ekey, H200, user)[1] == "shipped"
     loader.clear_memo()
+
+
+@pytest.mark.gpu
+def test_select_returns_the_shipped_entry_on_an_h200(tmp_path, monkeypatch):
+    import torch
+
+    from adasplash_tune.device import fingerprint
+
+    here = fingerprint("cuda:0")
+    if here.device_id != H200.device_id:
+        pytest.skip(f"the shipped cache is for {H200.device_id}; this is {here.device_id}")
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "empty.sqlite"))
+    monkeypatch.setattr(locations, "SHIPPED_DIR", SHIPPED.parent)
+    loader.clear_memo()
+    q, k, v = (torch.randn(4, 16, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sel = adasplash_tune.select("adasplash", q, k, v, 1.5, True)
+    assert sel.source == "shipped"
+    x = torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16)
+    assert adasplash_tune.select("entmax", x, alpha=1.5).source == "shipped"
+    loader.clear_memo()
