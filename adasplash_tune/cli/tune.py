@@ -113,33 +113,35 @@ def _format_front(result: Any) -> str:
 
 
 class _Progress:
-    """One stderr line: problem i/n, trial j/k, best so far (rewritten in place on a terminal)."""
+    """Progress on stderr: on a terminal one line rewritten in place (problem i/n, stage, trial j/k,
+    best so far); a permanent line per finished problem, also when stderr is a log file. Events may
+    come from several device threads (``--gpus``): each finished problem still prints once."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
-        self.last: Any = None
+        self.live = False
+
+    def _width(self) -> int:
+        import shutil
+
+        return max(20, shutil.get_terminal_size().columns - 1)
 
     def __call__(self, event: Any) -> None:
-        line = (f"[{event.problem_index}/{event.problems}] {event.label}  stage {event.stage}  "
-                f"trial {event.trial}/{event.trials}  best {_fmt(event.best_ms)} ms")
-        if self.tty:
-            import shutil
-
-            width = max(20, shutil.get_terminal_size().columns - 1)
-            click.echo("\r" + line[:width].ljust(width), err=True, nl=False)
-        elif self.last is not None and self.last.problem_index != event.problem_index:
-            self._done(self.last)
-        self.last = event
-
-    def _done(self, event: Any) -> None:
-        click.echo(f"[{event.problem_index}/{event.problems}] {event.label}: {event.trial} trials, "
-                   f"best {_fmt(event.best_ms)} ms", err=True)
+        head = f"[{event.problem_index}/{event.problems}] {event.label}"
+        if event.stage == "done":
+            line = f"{head}: {event.trial} trials, best {_fmt(event.best_ms)} ms"
+            if event.status != "tuned":
+                line += f" ({event.status})"
+            click.echo(("\r" + line.ljust(self._width())) if self.tty else line, err=True)
+            self.live = False
+        elif self.tty:
+            line = f"{head}  stage {event.stage}  trial {event.trial}/{event.trials}  best {_fmt(event.best_ms)} ms"
+            click.echo("\r" + line[:self._width()].ljust(self._width()), err=True, nl=False)
+            self.live = True
 
     def close(self) -> None:
-        if self.tty and self.last is not None:
+        if self.tty and self.live:
             click.echo("", err=True)
-        elif self.last is not None:
-            self._done(self.last)
 
 
 # --------------------------------------------------------------------------- the command

@@ -108,6 +108,9 @@ class TuneOptions:
 
 @dataclass
 class ProgressEvent:
+    """A counted trial of one problem's stage, or (``stage == "done"``) the problem's outcome:
+    ``best_ms`` its stored time and ``status`` the ProblemResult status."""
+
     problem_index: int  # 1-based
     problems: int
     label: str
@@ -499,6 +502,9 @@ class TuneJob:
             result.grad_error = outcome.attrs.get("grad_error")
         elif not plan:
             result.status = "tuned" if self._fixed_point(problem, space, backward, result, evaluator) else "no-valid-config"
+        if self.progress is not None:  # the problem's last event: its outcome
+            self.progress(ProgressEvent(index + 1, len(self.problems), problem.label(), "done", result.trials,
+                                        sum(budgets) if budgets else result.trials, result.time_ms, result.status))
         return result
 
     def _confirm(self, problem: Problem, space: SearchSpace, backward: bool, best: tuple[dict[str, Any], Outcome],

@@ -39,6 +39,10 @@ def test_tune_writes_entries_that_select_then_returns_from_the_cache(tmp_path):
                  *_storage(tmp_path))
     assert result.exit_code == 0, result.output
     assert "speed-up" in result.output and "4 entries written" in result.output
+    # not a terminal: one progress line per finished problem, none per trial
+    done = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(done) == 4 and all(": 3 trials, best " in line for line in done)
+    assert sorted(line.split("]")[0] for line in done) == ["[1/4", "[2/4", "[3/4", "[4/4"]
     with open_store(str(tmp_path / "cache.sqlite"), readonly=True) as store:
         entries = store.entries(kernel="adasplash")
     assert len(entries) == 4
