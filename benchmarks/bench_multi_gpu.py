@@ -21,9 +21,10 @@ import logging
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _tuning_run import run_job
 
 log = logging.getLogger("bench_multi_gpu")
 
@@ -42,28 +43,9 @@ def _problems(smoke: bool) -> list[Any]:
 
 def _run(problems: list[Any], backend: str, devices: tuple[str, ...], trials: int, *, seed: int,
          compile_workers: int, triton_cache: str | None) -> dict[str, Any]:
-    from adasplash_tune.cache.store import open_store
-    from adasplash_tune.tuner.job import TuneJob, TuneOptions
-    from adasplash_tune.tuner.timing import TimingOptions
-
-    with tempfile.TemporaryDirectory(prefix="bench-multi-gpu-") as tmp:
-        old = os.environ.get("TRITON_CACHE_DIR")
-        os.environ["TRITON_CACHE_DIR"] = triton_cache or str(Path(tmp) / "triton")
-        try:
-            timing = TimingOptions() if devices[0].startswith("cuda") else \
-                TimingOptions(warmup_ms=5.0, rep_ms=30.0, min_reps=5, max_reps=100)
-            options = TuneOptions(strategy="random", trials=trials, seed=seed, devices=devices, timing=timing,
-                                  storage=f"sqlite:///{tmp}/studies.sqlite", compile_workers=compile_workers)
-            with open_store(str(Path(tmp) / "cache.sqlite")) as store:
-                job = TuneJob(problems, kernel="adasplash", backend=backend, store=store, options=options)
-                start = time.monotonic()
-                results = job.run()
-                wall = time.monotonic() - start
-        finally:
-            if old is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = old
+    job, results, wall = run_job(problems, backend, triton_cache=triton_cache or "fresh", prefix="bench-multi-gpu-",
+                                 strategy="random", trials=trials, seed=seed, devices=devices,
+                                 compile_workers=compile_workers)
     done = sum(r.evaluated for r in results)
     return {
         "gpus": len(devices), "devices": list(devices), "trials": done, "wall_s": wall,

@@ -23,10 +23,10 @@ import math
 import os
 import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _tuning_run import run_job
 
 log = logging.getLogger("bench_tuner")
 
@@ -73,31 +73,10 @@ def bounded_choices(space: Any, limit: int) -> dict[str, tuple]:
 
 def _run(problem: Any, backend: str, device: str, strategy: str, trials: int, restrict: dict, *,
          compile_workers: int, seed: int, fresh_triton_cache: bool) -> dict[str, Any]:
-    from adasplash_tune.cache.store import open_store
-    from adasplash_tune.tuner.job import TuneJob, TuneOptions
-    from adasplash_tune.tuner.timing import TimingOptions
-
-    with tempfile.TemporaryDirectory(prefix="bench-tuner-") as tmp:
-        old_cache = os.environ.get("TRITON_CACHE_DIR")
-        if fresh_triton_cache:
-            os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
-        try:
-            timing = TimingOptions(warmup_ms=25.0, rep_ms=100.0) if device.startswith("cuda") else \
-                TimingOptions(warmup_ms=5.0, rep_ms=30.0, min_reps=5, max_reps=100)
-            options = TuneOptions(strategy=strategy, trials=trials, seed=seed, device=device,
-                                  storage=f"sqlite:///{tmp}/studies.sqlite", compile_workers=compile_workers,
-                                  restrict=restrict, timing=timing)
-            with open_store(str(Path(tmp) / "cache.sqlite")) as store:
-                start = time.monotonic()
-                [result] = TuneJob([problem], kernel="adasplash", backend=backend, store=store,
-                                   options=options).run()
-                wall = time.monotonic() - start
-        finally:
-            if fresh_triton_cache:
-                if old_cache is None:
-                    os.environ.pop("TRITON_CACHE_DIR", None)
-                else:
-                    os.environ["TRITON_CACHE_DIR"] = old_cache
+    _, [result], wall = run_job(
+        [problem], backend, triton_cache="fresh" if fresh_triton_cache else "keep",
+        prefix="bench-tuner-", strategy=strategy, trials=trials, seed=seed, device=device,
+        compile_workers=compile_workers, restrict=restrict)
     return {
         "problem": problem.label(), "strategy": strategy, "compile_workers": compile_workers,
         "trials": result.trials, "failures": result.failures, "wall_s": wall,
