@@ -100,20 +100,19 @@ def _measure_cuda(fn: Callable[[], object], device, opts: TimingOptions) -> Timi
     flush = torch.empty(2 * _l2_bytes(device) // 4, dtype=torch.int32, device=device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
-    begin.record()
-    for _ in range(3):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    estimate = begin.elapsed_time(end) / 3
     host = []
-    for _ in range(_reps(estimate, opts.warmup_ms, 3, opts.max_reps)):
-        torch.cuda._sleep(_SPIN_CYCLES)  # the device is busy: the call's host time alone is measured
+    begin.record()
+    for _ in range(3):  # launches are asynchronous: perf_counter sees the host's dispatch alone
         start = time.perf_counter()
         fn()
         host.append((time.perf_counter() - start) * 1e3)
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = begin.elapsed_time(end) / 3
     host_ms = statistics.median(host)
     spin = _spin_cycles(host_ms)
+    for _ in range(_reps(estimate, opts.warmup_ms, 1, opts.max_reps)):
+        fn()
     n = _reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
