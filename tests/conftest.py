@@ -58,5 +58,20 @@ def _fresh_selection_memo():
 
 
 @pytest.fixture
+def isolated_locations(tmp_path, monkeypatch):
+    """This test's own user cache and an empty shipped folder; no record file, mode or fault
+    settings from the environment. Returns the shipped folder."""
+    from adasplash_tune.cache import locations
+
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "user-cache.sqlite"))
+    for name in (locations.ENV_SHIPPED, "ADASPLASH_TUNE_RECORD", "ADASPLASH_TUNE_MODE", "ADASPLASH_TUNE_FAULT"):
+        monkeypatch.delenv(name, raising=False)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(locations, "SHIPPED_DIR", shipped)
+    return shipped
+
+
+@pytest.fixture
 def triton_device() -> str:
     return TRITON_DEVICE

@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import pytest
 
-from adasplash_tune.cache import locations
 from adasplash_tune.cache.store import Entry, open_store
 from adasplash_tune.kernels.problem import attention_key, entmax_key
 from adasplash_tune.kernels.registry import get_spec
@@ -27,15 +26,8 @@ GPU_SAME_ARCH = dict(GPU, name="NVIDIA H100 80GB HBM3", sm_count=132,
 
 
 @pytest.fixture(autouse=True)
-def _isolated_locations(tmp_path, monkeypatch):
+def _isolated(isolated_locations):
     """No test reads the real user cache, shipped caches or record file."""
-    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "user-cache.sqlite"))
-    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_RECORD", raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_MODE", raising=False)
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setattr(locations, "SHIPPED_DIR", shipped)
 
 
 @pytest.fixture(params=["file", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])

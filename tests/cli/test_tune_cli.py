@@ -15,14 +15,8 @@ from adasplash_tune.cli import main
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "cache.sqlite"))
-    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_FAULT", raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_RECORD", raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_MODE", raising=False)
-    (tmp_path / "shipped").mkdir()
-    monkeypatch.setattr(locations, "SHIPPED_DIR", tmp_path / "shipped")
+def _isolated(isolated_locations, tmp_path, monkeypatch):
+    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "cache.sqlite"))  # the path the tests read
 
 
 def run(*args: str):

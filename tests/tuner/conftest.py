@@ -7,7 +7,6 @@ from typing import Any, Callable, Mapping
 
 import pytest
 
-from adasplash_tune.cache import locations
 from adasplash_tune.cache.store import open_store
 from adasplash_tune.tuner.evaluate import TrialResult
 
@@ -18,16 +17,8 @@ FAKE_GPU = {"backend": "cuda", "vendor": "NVIDIA", "name": "NVIDIA H200", "arch"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_locations(tmp_path, monkeypatch):
+def _isolated(isolated_locations):
     """No test touches the real user cache, shipped caches, record file or fault settings."""
-    monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "user-cache.sqlite"))
-    monkeypatch.delenv(locations.ENV_SHIPPED, raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_RECORD", raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_MODE", raising=False)
-    monkeypatch.delenv("ADASPLASH_TUNE_FAULT", raising=False)
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    monkeypatch.setattr(locations, "SHIPPED_DIR", shipped)
 
 
 @pytest.fixture
