@@ -426,19 +426,20 @@ class ConfigStore:
         one failed verification). Returns True if ``entry`` was stored. Invalid entries raise
         :class:`~adasplash_tune.cache.entry.EntryError` (a ValueError). The provenance gains this
         host and tool version unless the entry names them."""
-        self._writable()
-        checked = validate_entry(entry)
-        checked.provenance = {**_local_provenance(), **checked.provenance}
-        report = self._store_valid([checked], "faster")
+        report = self._store_local(entry, "faster")
         return report.added + report.replaced > 0
 
     def replace(self, entry: Entry) -> None:
         """Store ``entry`` whatever the stored one's time: a re-measured entry (the tuner's
         confirmation of its winner against the default) supersedes the search's reading."""
+        self._store_local(entry, "replace")
+
+    def _store_local(self, entry: Entry, policy: str) -> ImportReport:
+        """Validate one entry made on this host, stamp its provenance and merge it."""
         self._writable()
         checked = validate_entry(entry)
         checked.provenance = {**_local_provenance(), **checked.provenance}
-        self._store_valid([checked], "replace")
+        return self._store_valid([checked], policy)
 
     def upsert_many(self, entries: Iterable[Entry], policy: str = "faster") -> ImportReport:
         """Merge many entries in one transaction; invalid ones are rejected and counted."""
