@@ -189,11 +189,9 @@ class AttentionProblem:
             return _oracle(lambda q_, k_, v_: attention_reference(q_, k_, v_, self.alpha, self.causal, varlen),
                            (q, k, v), grad, with_grad)
         group = self.heads // self.kv_heads
-        if slices is None:
+        full = slices is None
+        if full:
             slices = [(b, kv) for b in range(self.batch) for kv in range(self.kv_heads)]
-            layout = "full"
-        else:
-            layout = "slices"
         # compact layout: slice i holds q heads (i, 0..group) and kv head (i, 0)
         shape_q = (len(slices), group, self.seq_len, self.head_dim)
         shape_kv = (len(slices), 1, self.seq_len, self.head_dim)
@@ -214,7 +212,7 @@ class AttentionProblem:
                     grads[0][i, g] = part_grads[0][0, 0]
                     grads[1][i, 0] += part_grads[1][0, 0]
                     grads[2][i, 0] += part_grads[2][0, 0]
-        if layout == "full":  # back to (B, H, N, D) / (B, Hkv, N, D)
+        if full:  # back to (B, H, N, D) / (B, Hkv, N, D)
             out = out.reshape(self.batch, self.heads, self.seq_len, self.head_dim)
             if grads is not None:
                 grads = [grads[0].reshape(out.shape),
