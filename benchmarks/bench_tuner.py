@@ -8,7 +8,13 @@ random search with and without parallel compile workers (each with an empty Trit
 every config really compiles).
 
     python benchmarks/bench_tuner.py                 # GPU: Triton kernels (the H200 study)
+    python benchmarks/bench_tuner.py --problems 1    # only the second problem (one per GPU, say)
+    python benchmarks/bench_tuner.py --merge a.json b.json --out DIR   # one report from parts
     python benchmarks/bench_tuner.py --cpu-smoke     # CPU: torch backend, tiny problems
+
+Random and TPE get ``--fraction`` (default 0.25) of the exhaustive trial count: the target is TPE
+within 3% of the exhaustive best in at most a quarter of its trials. The summary also says how far
+the default already was, and how much of the default-to-best gap each strategy closed.
 
 Writes ``benchmarks/results/tuner-<device>.json`` and a PNG of the curves (when matplotlib is
 importable; otherwise the PNG is skipped with a log line).
@@ -86,6 +92,64 @@ def _run(problem: Any, backend: str, device: str, strategy: str, trials: int, re
     }
 
 
+def summarize(report: dict[str, Any], within: float = 0.03) -> list[dict[str, Any]]:
+    """Per problem and strategy: best time, its ratio to the exhaustive best, the first trial whose
+    best was within ``within`` of it, and the share of the default-to-exhaustive gap closed."""
+    rows = []
+    for problem in report["problems"]:
+        runs = [r for r in report["quality"] if r["problem"] == problem["label"]]
+        grid = next((r for r in runs if r["strategy"] == "grid" and r["best_ms"]), None)
+        if grid is None:
+            continue
+        best, default = grid["best_ms"], grid["default_ms"]
+        for run in runs:
+            if not run["best_ms"]:
+                continue
+            reached = next((i for i, b in run["curve"] if b is not None and b <= best * (1 + within)), None)
+            gap = (default - best) if default else None
+            rows.append({
+                "problem": problem["label"], "strategy": run["strategy"], "trials": run["trials"],
+                "exhaustive_trials": problem["exhaustive_trials"], "best_ms": run["best_ms"],
+                "vs_exhaustive": run["best_ms"] / best, "default_ms": run["default_ms"],
+                "default_vs_exhaustive": default / best if default else None,
+                "trials_to_within": reached,
+                "gap_closed": ((run["default_ms"] - run["best_ms"]) / gap) if gap and gap > 0 and run["default_ms"] else None,
+                "wall_s": run["wall_s"], "trials_per_min": run["trials_per_min"],
+            })
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'problem':<42} {'strategy':<7} {'trials':>9} {'best ms':>8} {'/exh':>6} {'dflt/exh':>8} {'to 3%':>5} {'gap':>5} {'tr/min':>6}"
+    lines = [head]
+    for r in rows:
+        gap = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
+        lines.append(f"{r['problem']:<42} {r['strategy']:<7} {r['trials']:>4}/{r['exhaustive_trials']:<4} "
+                     f"{r['best_ms']:>8.4g} {r['vs_exhaustive']:>6.3f} {r['default_vs_exhaustive']:>8.3f} "
+                     f"{str(r['trials_to_within']):>5} {gap:>5} {r['trials_per_min'] or 0:>6.1f}")
+    return "\n".join(lines)
+
+
+def _merge(paths: list[Path]) -> dict[str, Any]:
+    parts = [json.loads(p.read_text()) for p in paths]
+    report = {k: v for k, v in parts[0].items() if k not in ("problems", "quality", "throughput", "summary")}
+    for key in ("problems", "quality", "throughput"):
+        report[key] = [item for part in parts for item in part.get(key, [])]
+    return report
+
+
+def _write(report: dict[str, Any], out: Path, slug: str) -> None:
+    report["summary"] = summarize(report)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"tuner-{slug}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log.info("wrote %s", json_path)
+    if _plot(report, out / f"tuner-{slug}.png"):
+        log.info("wrote %s", out / f"tuner-{slug}.png")
+    log.info("summary (/exh: best over the exhaustive best; to 3%%: trials until within 3%% of it; "
+             "gap: share of default-to-exhaustive gap closed)\n%s", _table(report["summary"]))
+
+
 def _plot(report: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -118,16 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="torch backend on the CPU, tiny problems")
     parser.add_argument("--limit", type=int, default=None, help="max points per stage of the bounded space")
-    parser.add_argument("--fraction", type=float, default=0.5,
+    parser.add_argument("--fraction", type=float, default=0.25,
                         help="random/TPE budget as a fraction of the exhaustive trial count")
     parser.add_argument("--throughput-trials", type=int, default=None, help="trials of the compile-throughput runs")
     parser.add_argument("--compile-workers", type=int, default=None, help="parallel compile processes (GPU)")
     parser.add_argument("--max-problems", type=int, default=None, help="study only the first N problems")
+    parser.add_argument("--problems", default=None, help="study only these problems (0-based indices, e.g. 0,2)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="combine these reports (parts of one study) into one JSON, plot and summary")
+    parser.add_argument("--name", default=None, help="file name part (default: from the device name)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("adasplash_tune").setLevel(logging.WARNING)
+    if args.merge:
+        report = _merge(args.merge)
+        _write(report, args.out, args.name or "merged")
+        return 0
     import optuna
     import torch
 
@@ -144,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     fp = fingerprint(device)
     report: dict[str, Any] = {"device": fp.as_dict(), "backend": backend, "limit": limit, "problems": [],
                               "quality": [], "throughput": [], "objective": None}
-    for problem in _problems(smoke)[: args.max_problems]:
+    problems = _problems(smoke)[: args.max_problems]
+    if args.problems:
+        try:
+            problems = [problems[int(i)] for i in args.problems.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--problems takes indices 0..{len(problems) - 1}, got {args.problems!r}")
+    for problem in problems:
         space = build_space("adasplash", backend, target=target_of(backend, fp),
                             context={**problem.context(), **device_context(fp)})
         restrict = bounded_choices(space, limit)
@@ -169,13 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                        fresh_triton_cache=True)
             report["throughput"].append(run)
             log.info("%s: %d compile workers: %.1f trials/min", problem.label(), cw, run["trials_per_min"] or 0.0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", fp.name.lower()).strip("-") + ("-cpu-smoke" if smoke else "")
-    json_path = args.out / f"tuner-{slug}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    log.info("wrote %s", json_path)
-    if _plot(report, args.out / f"tuner-{slug}.png"):
-        log.info("wrote %s", args.out / f"tuner-{slug}.png")
+    slug = args.name or re.sub(r"[^a-z0-9]+", "-", fp.name.lower()).strip("-") + ("-cpu-smoke" if smoke else "")
+    _write(report, args.out, slug)
     return 0
 
 
