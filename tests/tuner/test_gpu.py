@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import adasplash_tune
+from adasplash_tune.device import fingerprint
+from adasplash_tune.kernels.registry import get_spec
 from adasplash_tune.kernels.reference import tolerance
 from adasplash_tune.tuner.evaluate import Evaluator, TrialRequest
 from adasplash_tune.tuner.job import TuneJob, TuneOptions
@@ -88,7 +90,12 @@ def test_tune_triton_attention_staged_on_gpu(tmp_path, monkeypatch):
     with open_store(str(tmp_path / "cache.sqlite")) as store:
         [result] = TuneJob([problem], kernel="adasplash", backend="triton", store=store, options=opts,
                            progress=events.append).run()
+        entry = store.get_exact(fingerprint("cuda:0").device_id, "adasplash", "triton",
+                                get_spec("adasplash", "triton").source_hash(), problem.key("triton"))
     assert result.status == "tuned" and result.objective == "fwd+bwd"
+    # the final duel (TuneOptions.confirm, 3 by default) re-timed the winner beside the default
+    assert result.confirmed and entry.provenance["confirmed_runs"] == opts.confirm == 3
+    assert entry.config == result.config and entry.time_ms == pytest.approx(result.time_ms)
     assert result.error <= tolerance(torch.bfloat16) and result.grad_error <= tolerance(torch.bfloat16, grad=True)
     assert [e.stage for e in events][0] == "tau" and "bwd" in {e.stage for e in events}
     inputs = problem.make_inputs("cuda", 0, requires_grad=False)
