@@ -90,6 +90,21 @@ def _short_config(config: dict[str, Any] | None) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(config.items()))
 
 
+#: How the trials column names each kind of rejected trial (other statuses print as they are).
+_FAILURE_WORDS = {"accuracy": "inaccurate"}
+
+
+def _trials_cell(result: Any) -> str:
+    """"12", or "12 (3 inaccurate, 1 timeout)": gate rejections and crashes told apart."""
+    if not result.failures:
+        return str(result.trials)
+    kinds = getattr(result, "failure_kinds", None) or {}
+    if sum(kinds.values()) != result.failures:
+        return f"{result.trials} ({result.failures} failed)"
+    parts = [f"{n} {_FAILURE_WORDS.get(kind, kind)}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"{result.trials} ({', '.join(parts)})"
+
+
 def format_summary(results: Sequence[Any]) -> str:
     """The end-of-run table: problem, status, best config, time, default, speed-up, error, trials."""
     from .cache_cmds import format_table
@@ -100,7 +115,7 @@ def format_summary(results: Sequence[Any]) -> str:
         speedup = r.speedup
         rows.append([r.problem.label(), r.status, _short_config(r.config), _fmt(r.time_ms), _fmt(r.default_ms),
                      "-" if speedup is None else f"{speedup:.2f}x", _fmt(r.error, ".2e"),
-                     f"{r.trials} ({r.failures} failed)" if r.failures else str(r.trials)])
+                     _trials_cell(r)])
     return format_table(headers, rows)
 
 
@@ -242,7 +257,7 @@ def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) 
             "problem": r.problem.to_dict(), "key": r.key, "status": r.status, "config": r.config,
             "time_ms": r.time_ms, "spread_ms": r.spread_ms, "default_ms": r.default_ms, "speedup": r.speedup,
             "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "evaluated": r.evaluated,
-            "failures": r.failures, "objective": r.objective, "stored": r.stored, "confirmed": r.confirmed,
+            "failures": r.failures, "failure_kinds": r.failure_kinds, "objective": r.objective, "stored": r.stored, "confirmed": r.confirmed,
             "front": r.front,
         } for r in results], indent=2, default=str))
         return

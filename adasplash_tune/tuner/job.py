@@ -137,6 +137,7 @@ class ProblemResult:
     trials: int = 0  # counted trials of the problem's studies (other runs' included)
     evaluated: int = 0  # trials this run evaluated
     failures: int = 0
+    failure_kinds: dict[str, int] = field(default_factory=dict)  # status -> count ("accuracy": gate)
     stored: bool = False
     #: The winner and the default were re-timed side by side (``TuneOptions.confirm``): time_ms and
     #: default_ms are those medians, and a winner that did not beat the default was replaced by it.
@@ -468,6 +469,8 @@ class TuneJob:
             result.evaluated += stage_result.evaluated
             carry = budget - stage_result.counted if stage_result.exhausted else 0
             result.failures += stage_result.failures
+            for kind, count in stage_result.failure_kinds.items():
+                result.failure_kinds[kind] = result.failure_kinds.get(kind, 0) + count
             if stage_result.best is not None and (best is None or stage_result.best.objective <= best[1].objective):
                 # found in an earlier run or by another tuner; on a tie the stage's choice, which
                 # every tuner sharing the study makes alike

@@ -133,6 +133,7 @@ class StageResult:
     front: list[tuple[dict[str, Any], Outcome]]
     exhausted: bool
     evaluated: int = 0  # trials this run evaluated (``counted`` includes other runs' trials)
+    failure_kinds: dict[str, int] = field(default_factory=dict)  # status -> count (e.g. "accuracy": 3)
 
 
 PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["Outcome | None"]]
@@ -186,6 +187,7 @@ class StageSearch:
         self._tried: dict[tuple, tuple[dict[str, Any], Outcome]] = {}
         self._best: tuple[dict[str, Any], Outcome] | None = None
         self._failures = 0
+        self._failure_kinds: dict[str, int] = {}
         self._trace: list[TraceRow] = []
         self._t0 = time.monotonic()
         self._queued = 0  # enqueued points not asked yet (asked first, before any new proposal)
@@ -305,6 +307,7 @@ class StageSearch:
         self._tried[key] = (dict(values), outcome)
         if not outcome.ok:
             self._failures += 1
+            self._failure_kinds[outcome.status] = self._failure_kinds.get(outcome.status, 0) + 1
         elif outcome.objective is not None and (
                 self._best is None or (outcome.objective, repr(key)) <
                 (self._best[1].objective, repr(point_key(self._best[0], self.free)))):
@@ -505,6 +508,7 @@ class StageSearch:
             front=self._front(),
             exhausted=dry and len(self._tried) < self.budget,
             evaluated=self._evaluated,
+            failure_kinds=dict(self._failure_kinds),
         )
 
     def _run_serial(self) -> bool:

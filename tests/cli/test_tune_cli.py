@@ -88,6 +88,19 @@ def test_tune_from_record_tunes_the_most_frequent_key_first(tmp_path):
     assert [r["problem"]["rows"] for r in rows] == [300, 10]
 
 
+def test_the_summary_tells_gate_rejections_from_crashes(tmp_path):
+    """niter=1 fails the accuracy gate: the trials column says "inaccurate", the JSON counts it."""
+    args = ("tune", "--backend", "torch", "--seq-len", "40", "--head-dim", "16", "--heads", "1", "--batch", "1",
+            "--trials", "2", "--seed", "5", "--strategy", "grid", "--space", "niter=1,12", "--space", "q_chunk=32",
+            "--space", "k_chunk=64", *_storage(tmp_path))
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "2 (1 inaccurate)" in result.stdout
+    again = run(*args, "--json")  # resumed: the stored trials, the same counts
+    [row] = json.loads(again.stdout)
+    assert row["failures"] == 1 and row["failure_kinds"] == {"accuracy": 1} and row["config"]["niter"] == 12
+
+
 def test_space_bounds_the_search(tmp_path):
     """--space KNOB=V1,V2 keeps only those choices: every evaluated trial stays inside them."""
     result = run("tune", "--backend", "torch", "--seq-len", "40", "--head-dim", "16", "--heads", "1",

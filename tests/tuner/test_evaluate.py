@@ -92,6 +92,7 @@ def test_a_failing_config_is_recorded_and_the_run_completes(store, storage_url):
         [result] = TuneJob([PROBLEM], kernel="adasplash", backend="torch", store=store, options=opts,
                            evaluator=evaluator).run()
     assert result.status == "tuned" and result.trials == 5 and result.failures == 3
+    assert result.failure_kinds == {"crash": 1, "timeout": 1, "runtime": 1}
     assert result.config["niter"] in (8, 12)
     failures = {f["config"]["niter"]: f["reason"] for f in store.failures(kernel="adasplash")}
     assert failures == {3: "crash", 4: "timeout", 5: "runtime"}
@@ -104,6 +105,7 @@ def test_the_accuracy_gate_rejects_a_fast_but_wrong_config(store, storage_url):
     [result] = TuneJob([PROBLEM], kernel="adasplash", backend="torch", store=store, options=opts).run()
     assert result.status == "tuned" and result.config["niter"] == 12
     assert result.error <= tolerance(__import__("torch").float32)
+    assert result.failures == 1 and result.failure_kinds == {"accuracy": 1}
     [failure] = store.failures(kernel="adasplash")
     assert failure["reason"] == "accuracy" and failure["config"]["niter"] == 1
     assert "relative error" in failure["detail"]
