@@ -102,11 +102,11 @@ def summarize(report: dict[str, Any], within: float = 0.03) -> list[dict[str, An
         if grid is None:
             continue
         best, default = grid["best_ms"], grid["default_ms"]
+        gap = default - best if default else None
         for run in runs:
             if not run["best_ms"]:
                 continue
             reached = next((i for i, b in run["curve"] if b is not None and b <= best * (1 + within)), None)
-            gap = (default - best) if default else None
             rows.append({
                 "problem": problem["label"], "strategy": run["strategy"], "trials": run["trials"],
                 "exhaustive_trials": problem["exhaustive_trials"], "best_ms": run["best_ms"],
@@ -125,7 +125,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         gap = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
         lines.append(f"{r['problem']:<42} {r['strategy']:<7} {r['trials']:>4}/{r['exhaustive_trials']:<4} "
-                     f"{r['best_ms']:>8.4g} {r['vs_exhaustive']:>6.3f} {r['default_vs_exhaustive']:>8.3f} "
+                     f"{r['best_ms']:>8.4g} {r['vs_exhaustive']:>6.3f} {r['default_vs_exhaustive'] or float('nan'):>8.3f} "
                      f"{str(r['trials_to_within']):>5} {gap:>5} {r['trials_per_min'] or 0:>6.1f}")
     return "\n".join(lines)
 

@@ -98,10 +98,7 @@ def _trials_cell(result: Any) -> str:
     """"12", or "12 (3 inaccurate, 1 timeout)": gate rejections and crashes told apart."""
     if not result.failures:
         return str(result.trials)
-    kinds = getattr(result, "failure_kinds", None) or {}
-    if sum(kinds.values()) != result.failures:
-        return f"{result.trials} ({result.failures} failed)"
-    parts = [f"{n} {_FAILURE_WORDS.get(kind, kind)}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))]
+    parts = [f"{n} {_FAILURE_WORDS.get(kind, kind)}" for kind, n in result.failure_kinds.most_common()]
     return f"{result.trials} ({', '.join(parts)})"
 
 
@@ -257,7 +254,8 @@ def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) 
             "problem": r.problem.to_dict(), "key": r.key, "status": r.status, "config": r.config,
             "time_ms": r.time_ms, "spread_ms": r.spread_ms, "default_ms": r.default_ms, "speedup": r.speedup,
             "error": r.error, "grad_error": r.grad_error, "trials": r.trials, "evaluated": r.evaluated,
-            "failures": r.failures, "failure_kinds": r.failure_kinds, "objective": r.objective, "stored": r.stored, "confirmed": r.confirmed,
+            "failures": r.failures, "failure_kinds": dict(r.failure_kinds), "objective": r.objective,
+            "stored": r.stored, "confirmed": r.confirmed,
             "front": r.front,
         } for r in results], indent=2, default=str))
         return

@@ -29,6 +29,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -136,8 +137,7 @@ class ProblemResult:
     grad_error: float | None = None
     trials: int = 0  # counted trials of the problem's studies (other runs' included)
     evaluated: int = 0  # trials this run evaluated
-    failures: int = 0
-    failure_kinds: dict[str, int] = field(default_factory=dict)  # status -> count ("accuracy": gate)
+    failure_kinds: Counter[str] = field(default_factory=Counter)  # status -> count ("accuracy": gate)
     stored: bool = False
     #: The winner and the default were re-timed side by side (``TuneOptions.confirm``): time_ms and
     #: default_ms are those medians, and a winner that did not beat the default was replaced by it.
@@ -146,6 +146,11 @@ class ProblemResult:
     front: list[dict[str, Any]] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)
     wall_s: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        """Trials that could not win: failed the accuracy gate, or crashed, timed out, ..."""
+        return sum(self.failure_kinds.values())
 
     @property
     def speedup(self) -> float | None:
@@ -468,9 +473,7 @@ class TuneJob:
             counted_before += stage_result.counted
             result.evaluated += stage_result.evaluated
             carry = budget - stage_result.counted if stage_result.exhausted else 0
-            result.failures += stage_result.failures
-            for kind, count in stage_result.failure_kinds.items():
-                result.failure_kinds[kind] = result.failure_kinds.get(kind, 0) + count
+            result.failure_kinds.update(stage_result.failure_kinds)
             if stage_result.best is not None and (best is None or stage_result.best.objective <= best[1].objective):
                 # found in an earlier run or by another tuner; on a tie the stage's choice, which
                 # every tuner sharing the study makes alike

@@ -29,6 +29,7 @@ import platform
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -128,12 +129,15 @@ class StageResult:
     best_values: dict[str, Any] | None
     best: Outcome | None
     counted: int
-    failures: int
+    failure_kinds: Counter[str]  # status of each trial that could not win -> count ("accuracy": gate)
     trace: list[TraceRow]
     front: list[tuple[dict[str, Any], Outcome]]
     exhausted: bool
     evaluated: int = 0  # trials this run evaluated (``counted`` includes other runs' trials)
-    failure_kinds: dict[str, int] = field(default_factory=dict)  # status -> count (e.g. "accuracy": 3)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failure_kinds.values())
 
 
 PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["Outcome | None"]]
@@ -186,8 +190,7 @@ class StageSearch:
         self._dists = {n: space.dim(n).distribution() for n in self.free}
         self._tried: dict[tuple, tuple[dict[str, Any], Outcome]] = {}
         self._best: tuple[dict[str, Any], Outcome] | None = None
-        self._failures = 0
-        self._failure_kinds: dict[str, int] = {}
+        self._failure_kinds: Counter[str] = Counter()
         self._trace: list[TraceRow] = []
         self._t0 = time.monotonic()
         self._queued = 0  # enqueued points not asked yet (asked first, before any new proposal)
@@ -306,8 +309,7 @@ class StageSearch:
         key = point_key(values, self.free)
         self._tried[key] = (dict(values), outcome)
         if not outcome.ok:
-            self._failures += 1
-            self._failure_kinds[outcome.status] = self._failure_kinds.get(outcome.status, 0) + 1
+            self._failure_kinds[outcome.status] += 1
         elif outcome.objective is not None and (
                 self._best is None or (outcome.objective, repr(key)) <
                 (self._best[1].objective, repr(point_key(self._best[0], self.free)))):
@@ -503,12 +505,11 @@ class StageSearch:
             best_values=dict(self._best[0]) if self._best else None,
             best=self._best[1] if self._best else None,
             counted=len(self._tried),
-            failures=self._failures,
+            failure_kinds=Counter(self._failure_kinds),
             trace=list(self._trace),
             front=self._front(),
             exhausted=dry and len(self._tried) < self.budget,
             evaluated=self._evaluated,
-            failure_kinds=dict(self._failure_kinds),
         )
 
     def _run_serial(self) -> bool:
