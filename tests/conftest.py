@@ -57,6 +57,15 @@ def _fresh_selection_memo():
     clear_memo()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny inputs (fastest, and immune to a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def isolated_locations(tmp_path, monkeypatch):
     """This test's own user cache and an empty shipped folder; no record file, mode or fault

@@ -17,13 +17,8 @@ from adasplash_tune.kernels.reference import (
 from adasplash_tune.kernels.registry import KERNELS, get_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These inputs are tiny: one intra-op thread is fastest, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: These inputs are tiny: one intra-op thread is fastest, and immune to a busy machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

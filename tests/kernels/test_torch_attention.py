@@ -17,13 +17,8 @@ from adasplash_tune.kernels.torch_backend.attention import adasplash_torch
 SPEC = get_spec("adasplash", "torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These inputs are tiny: one intra-op thread is fastest, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: These inputs are tiny: one intra-op thread is fastest, and immune to a busy machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: Two config points per case: chunks that split N unevenly, and chunks that cover it whole.
