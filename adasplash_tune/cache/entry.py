@@ -23,7 +23,7 @@ __all__ = ["Entry", "EntryError", "validate_entry", "entry_from_dict", "split_ke
 #: The size buckets of each kernel's key: (major, minor). The nearest lookup relaxes these,
 #: the major one first.
 SIZE_FIELDS: dict[str, tuple[str, str]] = {"adasplash": ("seq", "bh"), "entmax": ("cols", "rows")}
-_ALPHA_CLASSES = ("1.5", "2", "generic")
+_ALPHA_CLASSES = ("1.5", "2", "4/3", "1.25", "generic")
 
 
 class EntryError(ValueError):

@@ -11,20 +11,35 @@ import math
 from typing import Any, Mapping
 
 __all__ = [
-    "alpha_class", "pow2_bucket", "attention_key", "entmax_key", "key_to_json", "key_from_json",
+    "alpha_class", "integer_b", "pow2_bucket", "attention_key", "entmax_key", "key_to_json", "key_from_json",
     "DTYPE_NAMES",
 ]
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+#: alpha = 1 + 1/b for these integer b: the kernels raise to the power b by multiplication.
+_INTEGER_B_CLASSES = {1: "2", 2: "1.5", 3: "4/3", 4: "1.25"}
+
+
+def integer_b(alpha: float) -> int:
+    """b = 1 / (alpha - 1) when it is an integer in 1..4 (alpha = 2, 1.5, 4/3, 1.25), else 0.
+
+    Those alphas need no exp2/log2: powers u^b, u^(b-1), u^(b-2) are products. ``4/3`` as a float
+    is accepted (b = 3 up to rounding)."""
+    alpha = float(alpha)
+    if not 1.0 < alpha <= 2.0:
+        return 0
+    b = 1.0 / (alpha - 1.0)
+    r = round(b)
+    return r if r in _INTEGER_B_CLASSES and abs(b - r) <= 1e-9 * r else 0
+
+
 def alpha_class(alpha: float) -> str:
-    """'1.5' and '2' have their own specialised code paths; every other alpha is 'generic'."""
-    if alpha == 1.5:
-        return "1.5"
-    if alpha == 2.0:
-        return "2"
-    return "generic"
+    """The alpha's code path: '2', '1.5', '4/3' and '1.25' (alpha = 1 + 1/b, integer b: powers
+    by products) each have their own; every other alpha is 'generic' (exp2/log2)."""
+    b = integer_b(alpha)
+    return _INTEGER_B_CLASSES[b] if b else "generic"
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:

@@ -24,8 +24,9 @@ __all__ = [
 
 log = logging.getLogger("adasplash_tune")
 
-#: The alpha a key's "generic" alpha class is tuned with when only the key is known.
-GENERIC_ALPHA = 1.25
+#: The alpha a key's "generic" alpha class is tuned with when only the key is known (not of the
+#: form 1 + 1/b with an integer b: those have classes of their own).
+GENERIC_ALPHA = 1.6
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -316,7 +317,7 @@ def _alpha_of(record: Mapping[str, Any], key: Mapping[str, Any]) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     cls = str(key.get("alpha", "1.5"))
-    return {"1.5": 1.5, "2": 2.0}.get(cls, GENERIC_ALPHA)
+    return {"1.5": 1.5, "2": 2.0, "4/3": 4.0 / 3.0, "1.25": 1.25}.get(cls, GENERIC_ALPHA)
 
 
 def _problem_from_key(kernel: str, key: Mapping[str, Any], record: Mapping[str, Any]) -> Problem:

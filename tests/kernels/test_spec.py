@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adasplash_tune.kernels.problem import alpha_class, attention_key, entmax_key, key_to_json, pow2_bucket
+from adasplash_tune.kernels.problem import alpha_class, attention_key, entmax_key, integer_b, key_to_json, pow2_bucket
 from adasplash_tune.kernels.registry import BACKENDS, KERNELS, all_specs, get_spec
 from adasplash_tune.kernels.spec import Config, ConfigError, Constraint, KernelSpec, Param
 
@@ -111,7 +111,9 @@ def test_seq_bucket(n: int, expected: int) -> None:
 
 
 def test_alpha_class() -> None:
-    assert [alpha_class(a) for a in (1.5, 2.0, 2, 1.25, 1.333)] == ["1.5", "2", "2", "generic", "generic"]
+    assert [alpha_class(a) for a in (1.5, 2.0, 2, 1.25, 1.333, 4 / 3, 1 + 1 / 3, 1.7, 1.2)] == [
+        "1.5", "2", "2", "1.25", "generic", "4/3", "4/3", "generic", "generic"]
+    assert [integer_b(a) for a in (2.0, 1.5, 4 / 3, 1.25, 1.2, 1.7, 1.0, 2.5)] == [1, 2, 3, 4, 0, 0, 0, 0]
 
 
 def test_attention_key_fields_and_canonical_json() -> None:
@@ -123,5 +125,6 @@ def test_attention_key_fields_and_canonical_json() -> None:
 
 
 def test_entmax_key() -> None:
-    key = entmax_key(backend="torch", dtype="float32", rows=100, cols=255, alpha=1.25)
+    key = entmax_key(backend="torch", dtype="float32", rows=100, cols=255, alpha=1.7)
     assert key == {"backend": "torch", "dtype": "float32", "alpha": "generic", "cols": 256, "rows": 128}
+    assert entmax_key(backend="torch", dtype="float32", rows=1, cols=1, alpha=1.25)["alpha"] == "1.25"
