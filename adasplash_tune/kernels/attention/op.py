@@ -180,20 +180,26 @@ def adasplash_triton_residuals(q, k, v, config=None) -> list[tuple[tuple[int, ..
     return [((2, batch, heads, n), torch.float32), ((batch * heads * side * side,), torch.int8)]
 
 
-def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Forward for the custom op: (out, [stats, mask]); always keeps what the backward needs."""
+def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *,
+                             need_residuals: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward of the pair: (out, [stats, mask]), or (out, []) without ``need_residuals``."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
-    out, tau, inv_l, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, True)
+    out, tau, inv_l, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
+                                     need_residuals)
     out = out.to(q.dtype)
+    if not need_residuals:
+        return out, []
     batch, heads, n, _ = q.shape
     stats = torch.stack((tau, inv_l)).view(2, batch, heads, n)
     return out, [stats, mask]
 
 
 def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.Tensor], alpha, is_causal, varlen,
-                              scale, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward for the custom op, from :func:`adasplash_triton_forward`'s residuals."""
+                              scale, config, *, needs: tuple[bool, bool, bool] = (True, True, True)
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of the pair, from :func:`adasplash_triton_forward`'s residuals: (dq, dk, dv), with
+    None for the gradients ``needs`` does not ask for."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     stats, mask = residuals
@@ -201,8 +207,9 @@ def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.
     tau = stats[0].reshape(batch * heads, n).contiguous()
     inv_l = stats[1].reshape(batch * heads, n).contiguous()
     dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, tau, inv_l, mask, lens, float(alpha),
-                           float(scale), bool(is_causal), cfg)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+                           float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2])
+    return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
+            dv.to(v.dtype) if needs[2] else None)
 
 
 def _compute_dtype(q, k, v):
