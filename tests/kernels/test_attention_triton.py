@@ -27,17 +27,24 @@ CASES = [
     (2, 4, 2, 33, 80, 1.25, True, (0, 20)),
     (1, 1, 1, 100, 16, 2.0, False, (63,)),
     (1, 2, 1, 64, 48, 1.5, False, None),
+    (1, 2, 1, 77, 96, 4 / 3, True, None),
+    (1, 1, 1, 50, 16, 1.7, False, None),
 ]
 
-#: every tile 16 (mask tile = compute tiles), fixed iteration count
-SMALL = dict(tau_block_m=16, tau_block_n=16, mask_m=16, mask_n=16, fwd_block_m=16, fwd_block_n=16,
-             bwd_block_m=16, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=16, niter=10, tau_tol=0.0,
-             tau_init="lo", mask_source="sweeps")
-#: compute tiles decoupled from a non-square mask tile, mask from the max sweep, early exit on
-MIXED = dict(tau_block_m=32, tau_block_n=32, mask_m=16, mask_n=32, fwd_block_m=32, fwd_block_n=64,
-             bwd_block_m=16, bwd_block_n=64, bwd_q_block_m=64, bwd_q_block_n=32, niter=12, tau_tol=0.003,
-             tau_init="mid", fwd_warps=2, bwd_warps=2, tau_stages=1)
-CONFIGS = {"small": SMALL, "mixed": MIXED}
+#: every tile 16 (mask tile = compute tiles), fixed iteration count from the bracket's lower end
+SMALL = dict(tau_block_m=16, tau_block_n=16, tau_sweep_block_n=16, mask_m=16, mask_n=16, fwd_block_m=16,
+             fwd_block_n=16, bwd_block_m=16, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=16, niter=10,
+             tau_tol=0.0, tau_init="lo", mask_source="sweeps")
+#: compute tiles decoupled from a non-square mask tile, chunk bounds from the dense pass only,
+#: sweeps coarser than the dense pass, early exit on
+MIXED = dict(tau_block_m=32, tau_block_n=32, tau_sweep_block_n=64, mask_m=16, mask_n=32, fwd_block_m=32,
+             fwd_block_n=64, bwd_block_m=16, bwd_block_n=64, bwd_q_block_m=64, bwd_q_block_n=32, niter=12,
+             tau_tol=0.003, tau_init="mid", mask_source="max", fwd_warps=2, bwd_warps=2, tau_stages=1)
+#: the subset start with sweeps finer than the dense pass and a 16 x 16 mask under 64-row tiles
+SUBSET = dict(tau_block_m=64, tau_block_n=64, tau_sweep_block_n=16, mask_m=16, mask_n=16, fwd_block_m=32,
+              fwd_block_n=16, bwd_block_m=32, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=32, niter=8,
+              tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2)
+CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET}
 
 
 def _inputs(case, dtype, device, seed=0):
@@ -105,14 +112,15 @@ def test_default_config_with_accuracy_knobs(triton_device):
     assert relative_error(out, ref) <= tolerance(torch.float32)
 
 
+@pytest.mark.parametrize("init", ["subset", "mid"])
 @pytest.mark.parametrize("source", ["max", "sweeps"])
-def test_block_mask_covers_the_support(source, triton_device):
+def test_block_mask_covers_the_support(source, init, triton_device):
     """Every (query, key) pair with p > 0 lies in an active mask tile; lists match the mask."""
     case = (1, 2, 1, 100, 16, 1.5, False, None)
     q, k, v, alpha, causal, _ = _inputs(case, torch.float32, triton_device)
     q = q.detach() * 2
     k = q[:, :1].detach().clone()  # each query attends mostly to its own key: a sparse support
-    cfg = TRITON.validate(dict(MIXED, mask_source=source))
+    cfg = TRITON.validate(dict(MIXED, mask_source=source, tau_init=init))
     stages = op.forward_stages(q, k, v.detach(), alpha, causal, None, 0.25, cfg)
     mask = stages["mask"].cpu()
     z = 0.25 * (q.double() @ k.double().transpose(-1, -2)).cpu()
@@ -156,12 +164,45 @@ def test_custom_op_pair_matches_autograd_function(triton_device):
     want = torch.autograd.grad(out, (q, k, v), grad)
     with torch.no_grad():
         out2, residuals = op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, 0.2, cfg)
-        shapes = op.adasplash_triton_residuals(q, k, v, None)
+        shapes = op.adasplash_triton_residuals(q, k, v, cfg)
         assert [(tuple(r.shape), r.dtype) for r in residuals] == shapes
         got = op.adasplash_triton_backward(grad, q, k, v, out2, residuals, alpha, causal, varlen, 0.2, cfg)
     assert torch.equal(out2, out.detach())
     for a, b in zip(got, want):
         assert relative_error(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("init", ["subset", "lo"])
+def test_sparse_sweeps_skip_tiles_and_stay_exact(init, triton_device):
+    """On a peaked input the Halley sweeps visit only some key tiles (kernel counters), the mask
+    is sparse, and tau still gives rows summing to one."""
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau
+
+    gen = torch.Generator().manual_seed(3)
+    n, d = 160, 16
+    k = torch.randn(1, 1, n, d, generator=gen)
+    q = (4.0 * k + 0.1 * torch.randn(1, 2, n, d, generator=gen)).to(triton_device)  # each row: its own key
+    k = k.to(triton_device)
+    cfg = TRITON.validate(dict(SUBSET, tau_init=init, tau_tol=0.0, niter=6))
+    geo = Geometry.of(q, k)
+    mask = op._new_mask(geo, cfg, q.device)
+    stats = torch.zeros(STATS_SLOTS, dtype=torch.int32, device=q.device)
+    tau = solve_tau(q, k, None, 1.5, 0.25, False, cfg, mask, stats).cpu().double()
+    st = stats.cpu().tolist()
+    programs, half = st[0], (STATS_SLOTS - 1) // 2
+    assert programs == 2 * triton_cdiv(n, cfg["tau_block_m"])
+    assert st[1 + half] == programs  # every program ran the first sweep ...
+    dense = programs * triton_cdiv(n, cfg["tau_sweep_block_n"])
+    assert 0 < st[1] < dense  # ... and skipped key tiles in it
+    z = 0.5 * 0.25 * (q.double() @ k.double().transpose(-1, -2)).cpu()[0]
+    mass = (z - tau.view(2, n, 1)).clamp(min=0).pow(2).sum(-1)
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
+    assert 0 < op.block_density(mask, n, (16, 16), False) < 0.5
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def test_shared_memory_constraint_rejects_before_launch(monkeypatch):
@@ -186,6 +227,8 @@ def test_declaration_constraints():
         TRITON.validate(dict(MIXED, fwd_block_n=16))
     with pytest.raises(ConfigError, match="tau_block_n % mask_n == 0"):
         TRITON.validate(dict(MIXED, tau_block_n=16))
+    with pytest.raises(ConfigError, match="tau_sweep_block_n % mask_n == 0"):
+        TRITON.validate(dict(MIXED, tau_sweep_block_n=16))
     assert TRITON.param("niter").accuracy and TRITON.param("tau_tol").accuracy
     # tile shapes are independent knobs: forward tiles coarser than, and unequal to, the mask tile
     cfg = TRITON.validate(MIXED)
@@ -225,7 +268,7 @@ def test_cpu_smoke_benchmark(tmp_path, triton_device):
 
 # every case in bfloat16 at two configs, and in float32 / float16 at one (compiles stay few)
 GPU_MATRIX = (
-    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default")]
+    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default", "subset")]
     + [(case, "small", torch.float32) for case in CASES]
     + [(CASES[1], "mixed", torch.float16), (CASES[4], "default", torch.float16),
        (CASES[3], "default", torch.float32)]

@@ -18,37 +18,41 @@ import torch
 import triton
 import triton.language as tl
 
+from ..powers import pow_b, pow_bm1
+from ..problem import integer_b
 from ..spec import Config
-from .common import BIG, Geometry, alloc, alpha_mode, dot_precision, pow_b, pow_bm1
+from .common import BIG, Geometry, alloc, dot_precision
 from .mask import TileLists
 
 __all__ = ["sparse_backward_kv", "sparse_backward_q"]
 
 
 @triton.jit
-def _row_weight_scale(inv_l, sfac_exp, MODE: tl.constexpr):
-    """l^(alpha-2) = inv_l^(2-alpha) per row (0 for rows without support)."""
-    if MODE == 1:
-        return tl.sqrt(inv_l)
-    elif MODE == 2:
-        return tl.where(inv_l > 0, 1.0, 0.0)
+def _row_weight_scale(inv_l, sfac_exp, B_INT: tl.constexpr):
+    """l^(alpha-2) = inv_l^(2-alpha) per row (0 for rows without support; once per row)."""
+    if B_INT == 2:
+        r = tl.sqrt(inv_l)
+    elif B_INT == 1:
+        r = tl.where(inv_l > 0, 1.0, 0.0)
     else:
         pos = inv_l > 0
-        return tl.where(pos, tl.math.exp2(sfac_exp * tl.math.log2(tl.where(pos, inv_l, 1.0))), 0.0)
+        r = tl.where(pos, tl.math.exp2(sfac_exp * tl.math.log2(tl.where(pos, inv_l, 1.0))), 0.0)
+    return r
 
 
 @triton.jit
-def _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, stride_qn, LIST, i_lo, i_hi,
-              offs_n, offs_mb, offs_d, seq_len, length, head_dim, c, b_exp, sfac_exp,
-              MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, LIST, i_lo, i_hi,
+              offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp,
+              B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
               BM: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(i_lo, i_hi):
         qt = tl.load(LIST + i)
         offs_m = qt * BM + offs_mb
         row_in = offs_m < seq_len
-        ld = row_in[:, None] & (offs_d[None, :] < head_dim)
-        q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld, other=0.0)
-        do = tl.load(DO + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld, other=0.0)
+        ld = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+        ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q = tl.load(Q + ptrs, mask=ld, other=0.0)
+        do = tl.load(DO + ptrs, mask=ld, other=0.0)
         tau = tl.load(TAU + stat_base + offs_m, mask=row_in, other=BIG)
         inv_l = tl.load(INVL + stat_base + offs_m, mask=row_in, other=0.0)
         delta = tl.load(DELTA + stat_base + offs_m, mask=row_in, other=0.0)
@@ -60,10 +64,10 @@ def _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, stride_q
                 valid = valid & (offs_n[:, None] <= offs_m[None, :])
             u = tl.where(valid, u, 0.0)
         u = tl.maximum(u, 0.0)
-        p = pow_b(u, b_exp, MODE) * inv_l[None, :]
+        p = pow_b(u, b_exp, B_INT) * inv_l[None, :]
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
-        w = pow_bm1(u, b_exp, MODE) * _row_weight_scale(inv_l, sfac_exp, MODE)[None, :]
+        w = pow_bm1(u, b_exp, B_INT) * _row_weight_scale(inv_l, sfac_exp, B_INT)[None, :]
         dst = w * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -72,16 +76,15 @@ def _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, stride_q
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, DO, TAU, INVL, DELTA, DK, DV, LIST, COUNT, LENS,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    seq_len, H, HKV, GROUP, head_dim, n_kt, n_qt, c, b_exp, sfac_exp, scale,
-    MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
+    seq_len, H, HKV, GROUP, n_kt, n_qt, c, b_exp, sfac_exp, scale,
+    B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
     b = pid_bkv // HKV
     kvh = pid_bkv % HKV
-    kv_base = b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    kv_base = pid_bkv.to(tl.int64) * seq_len * HEAD_DIM
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_mb = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -89,51 +92,50 @@ def _bwd_kv_kernel(
         length = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), seq_len)
     else:
         length = seq_len
-    io_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim)
-    k = tl.load(K + kv_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=io_mask, other=0.0)
-    v = tl.load(V + kv_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=io_mask, other=0.0)
+    io_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    io_ptrs = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + io_ptrs, mask=io_mask, other=0.0)
+    v = tl.load(V + io_ptrs, mask=io_mask, other=0.0)
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for g in range(0, GROUP):
-        h = kvh * GROUP + g
-        bh = b * H + h
-        q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        bh = b * H + kvh * GROUP + g
+        q_base = bh.to(tl.int64) * seq_len * HEAD_DIM
         stat_base = bh.to(tl.int64) * seq_len
         row = bh.to(tl.int64) * n_kt + pid_n
         count = tl.load(COUNT + row * 2)
         masked = tl.load(COUNT + row * 2 + 1)
         lst = LIST + row * n_qt
-        dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, stride_qn, lst, 0, masked,
-                           offs_n, offs_mb, offs_d, seq_len, length, head_dim, c, b_exp, sfac_exp,
-                           MODE, True, IS_CAUSAL, BM, DOT_PREC)
-        dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, stride_qn, lst, masked, count,
-                           offs_n, offs_mb, offs_d, seq_len, length, head_dim, c, b_exp, sfac_exp,
-                           MODE, False, IS_CAUSAL, BM, DOT_PREC)
-    out = kv_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=io_mask)
+        dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, lst, 0, masked,
+                           offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp,
+                           B_INT, True, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
+        dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, lst, masked, count,
+                           offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp,
+                           B_INT, False, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
+    tl.store(DK + io_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + io_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
-def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, stride_kn, LIST, i_lo, i_hi,
-             offs_m, offs_nb, offs_d, seq_len, length, head_dim, c, b_exp,
-             MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-             BN: tl.constexpr, DOT_PREC: tl.constexpr):
+def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, LIST, i_lo, i_hi,
+             offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+             B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+             EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
         cols = j * BN + offs_nb
-        k_ptrs = K + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        v_ptrs = V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
         if MASKED:
-            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_ptrs, mask=ld, other=0.0)
             v = tl.load(v_ptrs, mask=ld, other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         u = s * c - tau[:, None]
         if MASKED:
@@ -143,7 +145,7 @@ def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, stride_kn, LIST
             u = tl.where(valid, u, 0.0)
         u = tl.maximum(u, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        w = pow_bm1(u, b_exp, MODE)
+        w = pow_bm1(u, b_exp, B_INT)
         wdp = w * dp
         sdp += tl.sum(wdp, axis=1)
         ssum += tl.sum(w, axis=1)
@@ -155,17 +157,16 @@ def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, stride_kn, LIST
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, DO, TAU, INVL, DELTA, DQ, LIST, COUNT, LENS,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    seq_len, H, GROUP, head_dim, n_qt, n_kt, c, b_exp, sfac_exp, scale,
-    MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, EVEN_D: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    seq_len, H, GROUP, n_qt, n_kt, c, b_exp, sfac_exp, scale,
+    B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = n_qt - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    kv_base = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    q_base = pid_bh.to(tl.int64) * seq_len * HEAD_DIM
+    kv_base = (b * (H // GROUP) + h // GROUP).to(tl.int64) * seq_len * HEAD_DIM
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_nb = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -174,9 +175,10 @@ def _bwd_q_kernel(
     else:
         length = seq_len
     row_in = offs_m < seq_len
-    io_mask = row_in[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(DO + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    io_mask = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    io_ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + io_ptrs, mask=io_mask, other=0.0)
+    do = tl.load(DO + io_ptrs, mask=io_mask, other=0.0)
     stat = pid_bh.to(tl.int64) * seq_len + offs_m
     tau = tl.load(TAU + stat, mask=row_in, other=BIG)
     inv_l = tl.load(INVL + stat, mask=row_in, other=0.0)
@@ -188,16 +190,15 @@ def _bwd_q_kernel(
     acc_b = tl.zeros([BM, BD], dtype=tl.float32)
     sdp = tl.zeros([BM], dtype=tl.float32)
     ssum = tl.zeros([BM], dtype=tl.float32)
-    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, stride_kn, lst,
-                                       0, plain, offs_m, offs_nb, offs_d, seq_len, length, head_dim, c, b_exp,
-                                       MODE, False, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
-    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, stride_kn, lst,
-                                       plain, count, offs_m, offs_nb, offs_d, seq_len, length, head_dim, c,
-                                       b_exp, MODE, True, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
+    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, lst, 0, plain,
+                                       offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+                                       B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, lst, plain, count,
+                                       offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+                                       B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
     delta = tl.where(ssum > 0, sdp / tl.where(ssum > 0, ssum, 1.0), 0.0)
-    dq = (acc_a - delta[:, None] * acc_b) * (_row_weight_scale(inv_l, sfac_exp, MODE) * scale)[:, None]
-    tl.store(DQ + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=io_mask)
+    dq = (acc_a - delta[:, None] * acc_b) * (_row_weight_scale(inv_l, sfac_exp, B_INT) * scale)[:, None]
+    tl.store(DQ + io_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
     tl.store(DELTA + stat, delta, mask=row_in)
 
 
@@ -210,7 +211,7 @@ def sparse_backward_kv(
     is_causal: bool, config: Config,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dv) in k's shape and dtype; ``lists``: key-major (transposed) for (bwd_block_m, bwd_block_n);
-    ``delta`` from :func:`sparse_backward_q`. q, k, v, grad_out contiguous (grad_out with q's strides)."""
+    ``delta`` from :func:`sparse_backward_q`. q, k, v, grad_out contiguous."""
     geo = Geometry.of(q, k)
     bm, bn = config["bwd_block_m"], config["bwd_block_n"]
     dk = alloc(k.shape, k.dtype, k.device)
@@ -218,10 +219,9 @@ def sparse_backward_kv(
     lens = varlen if varlen is not None else tau
     _bwd_kv_kernel[(lists.n_own, geo.batch * geo.kv_heads)](
         q, k, v, grad_out, tau, inv_l, delta, dk, dv, lists.index, lists.count, lens,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        geo.seq_len, geo.q_heads, geo.kv_heads, geo.group, geo.head_dim, lists.n_own, lists.n_cand,
+        geo.seq_len, geo.q_heads, geo.kv_heads, geo.group, lists.n_own, lists.n_cand,
         *_common_args(alpha, scale),
-        MODE=alpha_mode(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, EVEN_D=geo.even_d,
+        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim,
         BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
         num_warps=config["bwd_warps"], num_stages=config["bwd_stages"],
     )
@@ -241,11 +241,10 @@ def sparse_backward_q(
     lens = varlen if varlen is not None else tau
     _bwd_q_kernel[(lists.n_own, geo.rows)](
         q, k, v, grad_out, tau, inv_l, delta, dq, lists.index, lists.count, lens,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        geo.seq_len, geo.q_heads, geo.group, geo.head_dim, lists.n_own, lists.n_cand,
+        geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
         *_common_args(alpha, scale),
-        MODE=alpha_mode(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, EVEN_D=geo.even_d,
-        BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
+        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim,
+        EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
         num_warps=config["bwd_q_warps"], num_stages=config["bwd_q_stages"],
     )
     return dq, delta

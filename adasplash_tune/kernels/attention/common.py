@@ -1,11 +1,13 @@
-"""Pieces shared by the AdaSplash Triton stages: alpha-specialised powers, problem geometry,
-output allocation (with a poison switch for tests) and the per-call launch facts.
+"""Pieces shared by the AdaSplash Triton stages: problem geometry, output allocation (with a
+poison switch for tests) and the dot precision.
 
 Units: scores are ``z = (alpha - 1) * scale * q.k``; a row's threshold ``tau`` is in z units and
 ``u = [z - tau]_+``. Unnormalised probabilities are ``u^b`` with ``b = 1 / (alpha - 1)``; the
-backward weight is ``s = u^(b - 1)`` (``p^(2 - alpha)`` up to the row's normalisation).
-``MODE`` selects the code path at compile time: 1 for alpha = 1.5 (``u^2``; no exp2/log2), 2 for
-alpha = 2 (``u``; no exp2/log2), 0 for any other alpha (exp2/log2).
+backward weight is ``s = u^(b - 1)`` (``p^(2 - alpha)`` up to the row's normalisation). The powers
+live in kernels/powers.py, specialised on ``B_INT`` (kernels/problem.py ``integer_b``).
+
+Layout: every kernel takes contiguous (B, H, N, D) tensors, with the head dim as a compile-time
+constant, so row offsets are ``((b * H + h) * N + n) * D`` and their alignment is known.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = [
-    "BIG", "Geometry", "alpha_mode", "dot_precision", "alloc", "poison_outputs", "pow_b", "pow_bm1",
-    "tau_terms",
-]
+__all__ = ["BIG", "Geometry", "dot_precision", "alloc", "poison_outputs"]
 
 #: Threshold of a row with no valid key: every score minus BIG clamps to zero (finite, so that
 #: differences of thresholds stay finite).
@@ -48,15 +47,6 @@ def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     if _POISON[0] and dtype.is_floating_point:
         return torch.full(shape, math.nan, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def alpha_mode(alpha: float) -> int:
-    """1 for alpha = 1.5, 2 for alpha = 2, 0 (generic exp2/log2 path) otherwise."""
-    if alpha == 1.5:
-        return 1
-    if alpha == 2.0:
-        return 2
-    return 0
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -95,44 +85,3 @@ class Geometry:
     def of(q: torch.Tensor, k: torch.Tensor) -> "Geometry":
         batch, hq, n, d = q.shape
         return Geometry(batch, hq, k.shape[1], n, d)
-
-
-@triton.jit
-def pow_b(u, b_exp, MODE: tl.constexpr):
-    """u^b for u >= 0 (0 where u == 0)."""
-    if MODE == 1:
-        return u * u
-    elif MODE == 2:
-        return u
-    else:
-        pos = u > 0
-        lg = tl.math.log2(tl.where(pos, u, 1.0))
-        return tl.where(pos, tl.math.exp2(b_exp * lg), 0.0)
-
-
-@triton.jit
-def pow_bm1(u, b_exp, MODE: tl.constexpr):
-    """u^(b - 1) on the support (u > 0), 0 elsewhere: the backward weight before normalisation."""
-    if MODE == 1:
-        return u
-    elif MODE == 2:
-        return tl.where(u > 0, 1.0, 0.0)
-    else:
-        pos = u > 0
-        lg = tl.math.log2(tl.where(pos, u, 1.0))
-        return tl.where(pos, tl.math.exp2((b_exp - 1.0) * lg), 0.0)
-
-
-@triton.jit
-def tau_terms(u, b_exp, MODE: tl.constexpr):
-    """Per-score terms of (sum u^b, sum u^(b-1), sum u^(b-2)) for f, f' and f''."""
-    if MODE == 1:
-        return u * u, u, tl.where(u > 0, 1.0, 0.0)
-    elif MODE == 2:
-        return u, tl.where(u > 0, 1.0, 0.0), u * 0.0
-    else:
-        pos = u > 0
-        lg = tl.math.log2(tl.where(pos, u, 1.0))
-        w = tl.where(pos, tl.math.exp2((b_exp - 2.0) * lg), 0.0)
-        wu = w * u
-        return wu * u, wu, w

@@ -9,33 +9,35 @@ import torch
 import triton
 import triton.language as tl
 
+from ..powers import pow_b
+from ..problem import integer_b
 from ..spec import Config
-from .common import BIG, Geometry, alloc, alpha_mode, dot_precision, pow_b
+from .common import BIG, Geometry, alloc, dot_precision
 from .mask import TileLists
 
 __all__ = ["sparse_forward"]
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, LIST, i_lo, i_hi,
-               offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
-               MODE: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
+               offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+               B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
         cols = j * BN + offs_n
-        k_ptrs = K + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + kv_base + cols[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        v_ptrs = V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
         if MASKED:
-            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_ptrs, mask=ld, other=0.0)
             v = tl.load(v_ptrs, mask=ld, other=0.0)
         elif EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         u = s * c - tau[:, None]
         if MASKED:
@@ -44,7 +46,7 @@ def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, LIST, i_lo, i_hi,
                 valid = valid & (cols[None, :] <= offs_m[:, None])
             u = tl.where(valid, u, 0.0)
         u = tl.maximum(u, 0.0)
-        p = pow_b(u, b_exp, MODE)
+        p = pow_b(u, b_exp, B_INT)
         l_i += tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i
@@ -53,17 +55,17 @@ def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, LIST, i_lo, i_hi,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TAU, O, INVL, LIST, COUNT, LENS,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    seq_len, H, GROUP, head_dim, n_qt, n_kt, c, b_exp,
-    MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, NEED_STATS: tl.constexpr,
-    EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    seq_len, H, GROUP, n_qt, n_kt, c, b_exp,
+    B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, NEED_STATS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = n_qt - 1 - tl.program_id(0)  # heaviest (causal) query tiles first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    kv_base = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    q_base = pid_bh.to(tl.int64) * seq_len * HEAD_DIM
+    kv_base = (b * (H // GROUP) + h // GROUP).to(tl.int64) * seq_len * HEAD_DIM
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -72,8 +74,9 @@ def _fwd_kernel(
     else:
         length = seq_len
     row_in = offs_m < seq_len
-    io_mask = row_in[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+    io_mask = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+    io_ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + io_ptrs, mask=io_mask, other=0.0)
     stat = pid_bh.to(tl.int64) * seq_len + offs_m
     tau = tl.load(TAU + stat, mask=row_in, other=BIG)
 
@@ -84,15 +87,15 @@ def _fwd_kernel(
 
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, lst, 0, plain,
-                          offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
-                          MODE, False, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
-    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, stride_kn, lst, plain, count,
-                          offs_m, offs_n, offs_d, seq_len, length, head_dim, c, b_exp,
-                          MODE, True, IS_CAUSAL, EVEN_D, BN, DOT_PREC)
+    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, lst, 0, plain,
+                          offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                          B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, lst, plain, count,
+                          offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                          B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     o = acc * inv[:, None]
-    tl.store(O + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], o.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(O + io_ptrs, o.to(O.dtype.element_ty), mask=io_mask)
     if NEED_STATS:
         tl.store(INVL + stat, inv, mask=row_in)
 
@@ -121,11 +124,10 @@ def sparse_forward(
     lens = varlen if varlen is not None else tau
     _fwd_kernel[(lists.n_own, geo.rows)](
         q, k, v, tau, out, inv_l if need_stats else tau, lists.index, lists.count, lens,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        geo.seq_len, geo.q_heads, geo.group, geo.head_dim, lists.n_own, lists.n_cand,
+        geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
         (alpha - 1.0) * scale, 1.0 / (alpha - 1.0),
-        MODE=alpha_mode(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, NEED_STATS=need_stats,
-        EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
+        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, NEED_STATS=need_stats,
+        HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
         num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
     )
     return out, inv_l

@@ -4,9 +4,8 @@ backward, as a ``torch.autograd.Function`` and as a forward/backward pair for th
 Nothing here synchronises with the host: buffers and grids depend on shapes only, loop counts are
 read on the device, so a call can be captured in a CUDA graph.
 
-Residuals kept for the backward (shapes depend on q only, not on the config):
-``stats`` (2, B, Hq, N) float32 = (tau, 1 / sum p) and ``mask`` (B * Hq * ceil(N/16)^2,) int8, of
-which the config's block mask uses the leading part.
+Residuals kept for the backward: ``stats`` (2, B, Hq, N) float32 = (tau, 1 / sum p) and ``mask``
+(B * Hq, ceil(N / mask_m), ceil(N / mask_n)) int8, the block mask at the config's mask tile.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ __all__ = [
 
 log = logging.getLogger("adasplash_tune")
 
-_MIN_MASK_TILE = 16
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _SHAPE_KNOBS = tuple(n for n in TRITON.names if not TRITON.param(n).accuracy)
 
@@ -80,17 +78,9 @@ def _prepare(q, k, v, varlen):
     return q, k, v, varlen
 
 
-def _mask_capacity(geo: Geometry) -> int:
-    side = triton.cdiv(geo.seq_len, _MIN_MASK_TILE)
-    return geo.rows * side * side
-
-
 def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tensor:
-    """The fixed-size mask buffer with the config's part zeroed."""
-    tm, tn = mask_shape(geo, config)
-    mask = torch.empty(_mask_capacity(geo), dtype=torch.int8, device=device)
-    mask[: geo.rows * tm * tn].zero_()
-    return mask
+    """The block-mask buffer at the config's mask tile (the tau kernel writes every entry)."""
+    return torch.empty((geo.rows, *mask_shape(geo, config)), dtype=torch.int8, device=device)
 
 
 def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
@@ -174,10 +164,12 @@ def _interpreter_bf16(q: torch.Tensor) -> bool:
 
 
 def adasplash_triton_residuals(q, k, v, config=None) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of the residuals :func:`adasplash_triton_forward` returns (config-free)."""
+    """Shapes and dtypes of the residuals :func:`adasplash_triton_forward` returns for ``config``
+    (None: the built-in default's)."""
     batch, heads, n, d = q.shape
-    side = triton.cdiv(n, _MIN_MASK_TILE)
-    return [((2, batch, heads, n), torch.float32), ((batch * heads * side * side,), torch.int8)]
+    cfg = TRITON.default() if config is None else config
+    tm, tn = triton.cdiv(n, cfg["mask_m"]), triton.cdiv(n, cfg["mask_n"])
+    return [((2, batch, heads, n), torch.float32), ((batch * heads, tm, tn), torch.int8)]
 
 
 def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *,
@@ -228,8 +220,6 @@ def forward_stages(q, k, v, alpha: float, is_causal: bool, varlen, scale: float,
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     out, tau, _, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, False)
     geo = Geometry.of(qc, kc)
-    tm, tn = mask_shape(geo, cfg)
-    mask = mask[: geo.rows * tm * tn].view(geo.rows, tm, tn)
     lists: TileLists = tile_lists(mask, geo, lens, is_causal, (cfg["mask_m"], cfg["mask_n"]),
                                   (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)
     return {"tau": tau, "mask": mask, "lists": lists, "out": out, "config": cfg}

@@ -42,17 +42,22 @@ _TRITON_PARAMS = (
     Param("niter", NITER_CHOICES, 8,
           "at most this many Halley-bisection sweeps for tau (fewer once the step is below tau_tol)",
           accuracy=True),
-    Param("tau_init", ("mid", "lo"), "mid",
-          "first tau: midpoint of [max-1, max-n^(1-alpha)] or its lower end", accuracy=True),
+    Param("tau_sweep_block_n", TILES, 64,
+          "keys per step of the sparse Halley sweeps: the granularity at which they skip key tiles "
+          "that hold no score above the current tau"),
+    Param("tau_init", ("subset", "mid", "lo"), "subset",
+          "first tau: the threshold of the row's largest chunk maxima (a lower bound of the root), "
+          "or the midpoint / lower end of the bracket [max-1, max-n^(1-alpha)]", accuracy=True),
     Param("tau_tol", ("auto", 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0), "auto",
           "stop sweeping once every row's Halley step is at most this fraction of its support "
           "width max z - tau (0: always niter sweeps)",
           accuracy=True),
     Param("mask_m", TILES, 64, "query rows per block-mask tile"),
     Param("mask_n", TILES, 64, "keys per block-mask tile"),
-    Param("mask_source", ("max", "sweeps"), "max",
-          "block mask from the max sweep (z > running max - 1; no cost in the Halley sweeps) or "
-          "refreshed by every Halley sweep (z > bracket lower bound; tighter, costs every sweep)"),
+    Param("mask_source", ("sweeps", "max"), "sweeps",
+          "chunk bounds behind the block mask from the dense pass only (against the running max) "
+          "or made exact by every sweep that visits the chunk (tighter mask, one more reduction "
+          "per visited score)"),
     Param("fwd_block_m", TILES, 128),
     Param("fwd_block_n", TILES, 64),
     Param("fwd_warps", (2, 4, 8), 8),
@@ -83,8 +88,8 @@ def triton_smem_estimates(values: Mapping[str, Any], head_dim: int, dtype_bytes:
 
     v = values
     return {
-        "tau": eb * d * (v["tau_block_m"] + bufs(v["tau_stages"]) * v["tau_block_n"])
-        + 4 * v["tau_block_m"] * v["tau_block_n"],
+        "tau": eb * d * (v["tau_block_m"] + bufs(v["tau_stages"]) * max(v["tau_block_n"], v["tau_sweep_block_n"]))
+        + 4 * v["tau_block_m"] * max(v["tau_block_n"], v["tau_sweep_block_n"]),
         "fwd": eb * d * (v["fwd_block_m"] + 2 * bufs(v["fwd_stages"]) * v["fwd_block_n"])
         + 2 * eb * v["fwd_block_m"] * v["fwd_block_n"],
         "bwd": eb * d * (2 * v["bwd_block_n"] + 2 * bufs(v["bwd_stages"]) * v["bwd_block_m"])
@@ -108,7 +113,7 @@ def _multiple(a: str, b: str) -> Constraint:
 
 
 _STAGE_PARAMS = {
-    "tau": ("tau_block_m", "tau_block_n", "tau_stages"),
+    "tau": ("tau_block_m", "tau_block_n", "tau_sweep_block_n", "tau_stages"),
     "fwd": ("fwd_block_m", "fwd_block_n", "fwd_stages"),
     "bwd": ("bwd_block_m", "bwd_block_n", "bwd_stages"),
     "bwd_q": ("bwd_q_block_m", "bwd_q_block_n", "bwd_q_stages"),
@@ -118,6 +123,7 @@ _TRITON_CONSTRAINTS = (
     # the block mask is written by the tau sweeps, so a tau tile holds whole mask tiles
     _multiple("tau_block_m", "mask_m"),
     _multiple("tau_block_n", "mask_n"),
+    _multiple("tau_sweep_block_n", "mask_n"),
     # compute tiles OR whole mask tiles (a coarser compute tile visits a tile if any part is active)
     _multiple("fwd_block_m", "mask_m"),
     _multiple("fwd_block_n", "mask_n"),
@@ -160,7 +166,8 @@ def fit_triton_config(config: Config, context: Mapping[str, Any]) -> Config:
         if not stages:
             break
         prefix = _STAGE_PREFIX[stages[0]]
-        for name in (f"{prefix}stages", f"{prefix}block_n", f"{prefix}block_m"):
+        extra = ("tau_sweep_block_n",) if stages[0] == "tau" else ()
+        for name in (f"{prefix}stages", f"{prefix}block_n", *extra, f"{prefix}block_m"):
             choices = TRITON.param(name).choices
             idx = choices.index(values[name])
             if idx > 0:
@@ -170,5 +177,6 @@ def fit_triton_config(config: Config, context: Mapping[str, Any]) -> Config:
             break
         # the mask tile must keep dividing every compute tile (all are powers of two)
         values["mask_m"] = min(values["mask_m"], *(values[f"{p}block_m"] for p in _STAGE_PREFIX.values()))
-        values["mask_n"] = min(values["mask_n"], *(values[f"{p}block_n"] for p in _STAGE_PREFIX.values()))
+        values["mask_n"] = min(values["mask_n"], values["tau_sweep_block_n"],
+                               *(values[f"{p}block_n"] for p in _STAGE_PREFIX.values()))
     raise ConfigError(f"no smaller variant of the config fits this problem ({dict(context)})")
