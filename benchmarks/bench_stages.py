@@ -139,15 +139,16 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     from adasplash_tune.kernels.attention.common import Geometry
     from adasplash_tune.kernels.attention.forward import sparse_forward
     from adasplash_tune.kernels.attention.mask import tile_lists
-    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau
+    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau, tau_scratch_size
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     geo = Geometry.of(q, k)
     mask = op._new_mask(geo, cfg, q.device)
     res: dict[str, Any] = {}
-    res["tau_ms"] = ms(lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask))
+    scratch = torch.empty(tau_scratch_size(geo, cfg), dtype=torch.int32, device=q.device)
+    res["tau_ms"] = ms(lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch))
     stats = torch.zeros(STATS_SLOTS, dtype=torch.int32, device=q.device)
-    tau = solve_tau(q, k, None, alpha, scale, causal, cfg, mask, stats)
+    tau = solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch, stats)
     st = stats.tolist()
     programs = max(st[0], 1)
     half = (STATS_SLOTS - 1) // 2

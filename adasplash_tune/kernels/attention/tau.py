@@ -3,26 +3,29 @@
 One program owns ``tau_block_m`` query rows of one head.
 
 1. **The dense pass** sweeps every key tile once (``tau_block_n`` keys a step) for the row max. On
-   the way it keeps, per (``mask_m``-row group, ``mask_n``-key chunk), an upper bound of the
-   chunk's largest ``z - max z`` (the running max is a lower bound of the final one), stored as an
-   int8 code in the mask buffer itself; and per row the largest score of a few 16-key chunks (one
-   slot per chunk column, each slot the max over every ``slots``-th tile: disjoint subsets, so each
-   is a real score of the row).
-2. **The start.** With ``tau_init="subset"`` Halley starts at the threshold of those candidate
-   scores (kernels/threshold.py): a lower bound of the row's tau, within a small fraction of the
-   support width when the support is a few dozen keys. ``"mid"`` / ``"lo"`` start at the middle or
-   the lower end of the bracket ``[max - 1, max - n^(1-alpha)]``.
-3. **Sparse sweeps.** Each Halley sweep evaluates ``f, f', f''`` at the rows' current tau and
-   visits only the key tiles (``tau_sweep_block_n`` keys) holding a chunk whose bound exceeds
-   ``tau - max z`` for some row of its group: a chunk whose every score is at most tau adds
-   exactly nothing to those sums, so skipping it is exact. With ``mask_source="sweeps"`` a visited
-   chunk's bound is replaced by its exact value (tighter masks and later sweeps). The loop stops on
+   the way it keeps, per (``mask_m``-row group, tile), an upper bound of the tile's largest
+   ``z - max z`` (the running max is a lower bound of the final one), stored as an int8 code for
+   each ``mask_n``-key chunk of the tile in the mask buffer itself, and per row the eight largest
+   tile maxima (a subset of the row's scores). Per score it costs a max: everything else is per
+   row and tile.
+2. **The start.** With ``tau_init="subset"`` Halley starts at the threshold of those eight scores
+   (kernels/threshold.py): a lower bound of the row's tau, within a small fraction of the support
+   width when the support is a few dozen keys. ``"mid"`` / ``"lo"`` start at the middle or the
+   lower end of the bracket ``[max - 1, max - n^(1-alpha)]``.
+3. **Sparse sweeps.** Each Halley sweep evaluates ``f, f', f''`` at the rows' current tau over the
+   key tiles (``tau_sweep_block_n`` keys) that hold a chunk which may have a score above tau for
+   some row of its group: a chunk whose scores are all at most tau adds nothing to those sums, so
+   the skip is exact. A sweep first lists its tiles (vectorised over the chunk codes), then walks
+   the list with pipelined loads. The first sweep re-bases every chunk code on that sweep's tau
+   (``tau_ref``) and, with ``mask_source="sweeps"``, replaces the code of every chunk it visits by
+   the exact ``max over the chunk of z - tau_ref`` (per row group): bounds relative to tau rather
+   than to the row max stay tight across rows whose supports differ in width. The loop stops on
    the device once every row's step is at most ``tau_tol`` of its support width ``max z - tau``
    (``niter`` is a cap): no host synchronisation, CUDA-graph safe.
 4. **The mask.** Finally every chunk of the program's row groups is written as 0/1: active when its
-   bound exceeds ``tau - max z`` for some row of the group (a superset of the chunks holding
-   ``z > tau``, so the sparse products computed from it are exact). Every entry of the mask is
-   written, so the buffer needs no zero-filling.
+   bound plus ``max over the group of (tau_ref - tau)`` is positive (a superset of the chunks
+   holding some ``z > tau``, so the sparse products computed from it are exact). Every entry of
+   the mask is written, so the buffer needs no zero-filling.
 
 Units: ``z = c * q.k`` with ``c = (alpha - 1) * scale``; tau is in z units.
 """
@@ -40,19 +43,18 @@ from ..spec import Config
 from ..threshold import subset_tau
 from .common import BIG, Geometry, dot_precision
 
-__all__ = ["solve_tau", "resolve_tol", "mask_shape", "STATS_SLOTS", "CAND_CHUNK"]
+__all__ = ["solve_tau", "resolve_tol", "mask_shape", "tau_scratch_size", "STATS_SLOTS"]
 
-#: Keys per candidate chunk of the subset start (the row max of each 16-key chunk of a tile).
-CAND_CHUNK = 16
-#: Candidate scores kept per row for the subset start.
-_CANDIDATES = 16
 #: Entries of the optional statistics buffer: [0] programs, [1 + k] tiles visited by sweep k,
 #: [1 + MAX_SWEEPS + k] programs that ran sweep k.
 _MAX_SWEEPS = 32
 STATS_SLOTS = 1 + 2 * _MAX_SWEEPS
-#: Mask codes: an upper bound g <= 0 of (chunk max - row max) in z units is stored as
-#: -floor(sqrt(min(-g, 4)) * CODE_SCALE) in int8; decoding gives -(code / CODE_SCALE)^2 >= g.
-_CODE_SCALE = 63.5
+_MAX_SWEEPS_C = tl.constexpr(_MAX_SWEEPS)
+#: Tiles a sweep's list step examines at once.
+_LIST_CHUNK = tl.constexpr(128)
+
+
+# --------------------------------------------------------------------------- small helpers
 
 
 @triton.jit
@@ -77,106 +79,187 @@ def _valid(cols, offs_m, length, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _encode(g):
-    """int8 code of bounds g <= 0 (z units; -inf allowed): decoding never falls below g."""
-    e = tl.sqrt(tl.minimum(tl.maximum(-g, 0.0), 4.0)) * 63.5
-    return (-tl.floor(e)).to(tl.int8)
+def _encode(h):
+    """int8 code of a bound h (z units, |h| <= 4 where it matters; -inf allowed) that never
+    decodes below h: sign(h) * sqrt(|h|) * 63.5, rounded away from -inf."""
+    e = tl.sqrt(tl.minimum(tl.abs(h), 4.0)) * 63.5
+    return tl.where(h > 0, tl.ceil(e), -tl.floor(e)).to(tl.int8)
 
 
 @triton.jit
 def _decode(code):
     e = code.to(tl.float32) * (1.0 / 63.5)
-    return -(e * e)
+    return tl.where(code > 0, e * e, -(e * e))
 
 
 @triton.jit
-def _group_max(x, BM: tl.constexpr, MM: tl.constexpr, NC: tl.constexpr):
-    """[BM, NC] -> [BM // MM, NC]: the max over each group of MM rows."""
-    return tl.max(tl.reshape(x, (BM // MM, MM, NC)), axis=1)
+def _group_max(x, BM: tl.constexpr, MM: tl.constexpr):
+    """[BM] -> [BM // MM]: the max over each group of MM rows."""
+    return tl.max(tl.reshape(x, (BM // MM, MM)), axis=1)
 
 
 @triton.jit
-def _chunk_max(x, BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
-    """[BM, BN] -> [BM, BN // W]: the max over each chunk of W columns."""
-    return tl.max(tl.reshape(x, (BM, BN // W, W)), axis=2)
+def _insert(t0, t1, t2, t3, t4, t5, t6, t7, x):
+    """Insert x into the per-row descending lists t0 >= t1 >= ... >= t7 (the smallest drops)."""
+    t0, x = tl.maximum(t0, x), tl.minimum(t0, x)
+    t1, x = tl.maximum(t1, x), tl.minimum(t1, x)
+    t2, x = tl.maximum(t2, x), tl.minimum(t2, x)
+    t3, x = tl.maximum(t3, x), tl.minimum(t3, x)
+    t4, x = tl.maximum(t4, x), tl.minimum(t4, x)
+    t5, x = tl.maximum(t5, x), tl.minimum(t5, x)
+    t6, x = tl.maximum(t6, x), tl.minimum(t6, x)
+    t7 = tl.maximum(t7, x)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+# --------------------------------------------------------------------------- 1. the dense pass
 
 
 @triton.jit
-def _dense_pass(m, cand, q, K, kv_base, j_lo, j_hi, offs_m, offs_n, offs_d, seq_len, length, c, row_ok,
-                MASK, mask_base, mrows, TM, TN,
+def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, offs_m, offs_n, offs_d,
+                seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, SLOTS: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """Row max, chunk-bound codes and candidate scores over key tiles [j_lo, j_hi)."""
-    NCC: tl.constexpr = BN // 16
+                BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Row max, top-8 tile maxima and chunk codes over key tiles [j_lo, j_hi)."""
     NCM: tl.constexpr = BN // MN
-    slot_ids = tl.arange(0, SLOTS)
-    mcols0 = tl.arange(0, NCM)
+    sub = tl.arange(0, NCM)
     for j in range(j_lo, j_hi):
         cols = j * BN + offs_n
         k = _load_k(K, kv_base, cols, offs_d, seq_len, MASKED, HEAD_DIM, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASKED:
             s = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), s, float("-inf"))
-        cm = _chunk_max(s, BM, BN, 16)  # [BM, NCC]
-        m = tl.maximum(m, tl.max(cm, axis=1))
-        # bound of (chunk max - row max) in z units, per mask chunk, against the running max
-        g = (_chunk_max(cm, BM, NCC, MN // 16) - m[:, None]) * c
-        g = tl.where(row_ok[:, None], g, float("-inf"))
-        code = _encode(_group_max(g, BM, MM, NCM))
-        mcols = j * NCM + mcols0
-        tl.store(MASK + mask_base + mrows[:, None] * TN + mcols[None, :], code,
-                 mask=(mrows[:, None] < TM) & (mcols[None, :] < TN))
-        # candidate scores: slot (j % SLOTS) of every 16-key chunk column keeps its max
-        hit = (slot_ids == j % SLOTS)[None, :, None]
-        cand = tl.where(hit, tl.maximum(cand, cm[:, None, :]), cand)
-    return m, cand
+        tm = tl.max(s, axis=1)
+        m = tl.maximum(m, tm)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _insert(t0, t1, t2, t3, t4, t5, t6, t7, tm)
+        g = tl.where(row_ok, (tm - m) * c, float("-inf"))
+        code = _encode(_group_max(g, BM, MM))
+        mcols = j * NCM + sub
+        tl.store(MASK + mask_base + grows[:, None] * TN + mcols[None, :],
+                 tl.broadcast_to(code[:, None], (BM // MM, NCM)),
+                 mask=(grows[:, None] < TM) & (mcols[None, :] < TN))
+    return m, t0, t1, t2, t3, t4, t5, t6, t7
+
+
+# --------------------------------------------------------------------------- 3. sparse sweeps
 
 
 @triton.jit
-def _sweep(s0, s1, s2, visited, q, K, kv_base, j_lo, j_hi, tau, thr, rel, c, b_exp, row_ok,
-           offs_m, offs_n, offs_d, seq_len, length, MASK, mask_base, mrows, TM, TN,
+def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, shift, rebase,
+                BM: tl.constexpr, MM: tl.constexpr, NCM: tl.constexpr, REBASE: tl.constexpr):
+    """Write the tiles of [0, n_tiles) that hold a chunk with decode(code) + shift[group] > 0 to
+    LST (ascending); with REBASE, first replace every code by its decode plus ``rebase[group]``.
+    Returns the number of tiles listed."""
+    G: tl.constexpr = BM // MM
+    CH: tl.constexpr = _LIST_CHUNK * NCM
+    total = n_tiles * 0
+    cc0 = tl.arange(0, CH)
+    t_idx0 = tl.arange(0, _LIST_CHUNK)
+    for c0 in range(0, n_tiles * NCM, CH):
+        ccols = c0 + cc0
+        ptrs = MASK + mask_base + grows[:, None] * TN + ccols[None, :]
+        inb = (grows[:, None] < TM) & (ccols[None, :] < n_tiles * NCM) & (ccols[None, :] < TN)
+        bound = _decode(tl.load(ptrs, mask=inb, other=-127))
+        if REBASE:
+            bound = bound + rebase[:, None]
+            tl.store(ptrs, _encode(bound), mask=inb)
+        hit = tl.max(((bound + shift[:, None] > 0) & inb).to(tl.int32), axis=0)
+        hit = tl.max(tl.reshape(hit, (_LIST_CHUNK, NCM)), axis=1)
+        tiles = c0 // NCM + t_idx0
+        pos = total + tl.cumsum(hit, axis=0) - 1
+        tl.store(LST + pos, tiles, mask=hit > 0)
+        total += tl.sum(hit, axis=0)
+    return total
+
+
+@triton.jit
+def _sweep(s0, s1, s2, q, K, kv_base, LST, i_lo, i_hi, tau, c, b_exp, row_ok,
+           offs_m, offs_n, offs_d, seq_len, length, MASK, mask_base, grows, TM, TN,
            B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
            HEAD_DIM: tl.constexpr, TIGHTEN: tl.constexpr, BM: tl.constexpr, BNS: tl.constexpr,
            MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate f, f', f'' terms at ``tau`` over the key tiles of [j_lo, j_hi) that can hold a
-    score above tau (``thr`` [BM // MM]: the least ``tau - max z`` of each row group)."""
+    """Accumulate f, f', f'' terms at ``tau`` over the listed key tiles LST[i_lo:i_hi]. With
+    TIGHTEN, store every visited chunk's exact code: max over the chunk of z - tau (= u)."""
     NCM: tl.constexpr = BNS // MN
-    mcols0 = tl.arange(0, NCM)
-    for j in range(j_lo, j_hi):
-        mcols = j * NCM + mcols0
-        cptrs = MASK + mask_base + mrows[:, None] * TN + mcols[None, :]
-        cmask = (mrows[:, None] < TM) & (mcols[None, :] < TN)
-        bound = _decode(tl.load(cptrs, mask=cmask, other=-127))
-        if tl.max(tl.max((bound > thr[:, None]).to(tl.int32), axis=1), axis=0) > 0:
-            visited += 1
-            cols = j * BNS + offs_n
-            k = _load_k(K, kv_base, cols, offs_d, seq_len, MASKED, HEAD_DIM, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            u = s * c - tau[:, None]
-            if MASKED:
-                u = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), u, float("-inf"))
-            if TIGHTEN:  # the exact bound: max over the chunk of z - max z = u + (tau - max z)
-                g = tl.where(row_ok[:, None], _chunk_max(u, BM, BNS, MN) + rel[:, None], float("-inf"))
-                tl.store(cptrs, _encode(_group_max(g, BM, MM, NCM)), mask=cmask)
-            u = tl.maximum(u, 0.0)
-            t0, t1, t2 = tau_terms(u, b_exp, B_INT)
-            s0 += tl.sum(t0, axis=1)
-            s1 += tl.sum(t1, axis=1)
-            if B_INT != 1:
-                s2 += tl.sum(t2, axis=1)
-    return s0, s1, s2, visited
+    sub = tl.arange(0, NCM)
+    for i in range(i_lo, i_hi):
+        j = tl.load(LST + i)
+        cols = j * BNS + offs_n
+        k = _load_k(K, kv_base, cols, offs_d, seq_len, MASKED, HEAD_DIM, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        u = s * c - tau[:, None]
+        if MASKED:
+            u = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), u, float("-inf"))
+        if TIGHTEN:
+            if NCM == 1:
+                h = tl.max(u, axis=1)[:, None]
+            else:
+                h = tl.max(tl.reshape(u, (BM, NCM, MN)), axis=2)
+            h = tl.where(row_ok[:, None], h, float("-inf"))
+            h = tl.max(tl.reshape(h, (BM // MM, MM, NCM)), axis=1)
+            mcols = j * NCM + sub
+            tl.store(MASK + mask_base + grows[:, None] * TN + mcols[None, :], _encode(h),
+                     mask=(grows[:, None] < TM) & (mcols[None, :] < TN))
+        u = tl.maximum(u, 0.0)
+        t0, t1, t2 = tau_terms(u, b_exp, B_INT)
+        s0 += tl.sum(t0, axis=1)
+        s1 += tl.sum(t1, axis=1)
+        if B_INT != 1:
+            s2 += tl.sum(t2, axis=1)
+    return s0, s1, s2
+
+
+@triton.jit
+def _count_below(LST, n, limit):
+    """How many of the ascending LST[0:n] are below ``limit`` (the tiles needing no masking)."""
+    lead = n * 0
+    offs = tl.arange(0, _LIST_CHUNK)
+    for c0 in range(0, n, _LIST_CHUNK):
+        idx = c0 + offs
+        vals = tl.load(LST + idx, mask=idx < n, other=limit)
+        lead += tl.sum((vals < limit).to(tl.int32), axis=0)
+    return lead
+
+
+@triton.jit
+def _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT: tl.constexpr):
+    """One safeguarded Halley step (kept inside the bracket, else bisection); returns the new tau,
+    the bracket and the step relative to the row's support width."""
+    f = s0 - 1.0
+    df = -b_exp * s1
+    if B_INT == 1:
+        d2f = s2 * 0.0
+    else:
+        d2f = b_exp * (b_exp - 1.0) * s2
+    above = f > 0
+    lo = tl.where(above, tau, lo)
+    hi = tl.where(above, hi, tau)
+    den = 2.0 * df * df - f * d2f
+    ok = den != 0
+    cand = tau - tl.where(ok, 2.0 * f * df / tl.where(ok, den, 1.0), 0.0)
+    inside = ok & (cand >= lo) & (cand <= hi)
+    new = tl.where(inside, cand, 0.5 * (lo + hi))
+    new = tl.where(f == 0, tau, new)
+    new = tl.where(empty, BIG, new)
+    # relative to the support width max z - tau: a flat row (thousands of keys in its support,
+    # width down to n^(1-alpha)) needs a proportionally smaller absolute step
+    width = tl.maximum(zmax - new, 1e-6)
+    step = tl.where(empty, 0.0, tl.abs(new - tau) / width)
+    return new, lo, hi, step
+
+
+# --------------------------------------------------------------------------- the kernel
 
 
 @triton.jit
 def _tau_kernel(
-    Q, K, TAU, MASK, LENS, STATS,
-    seq_len, H, GROUP, TM, TN, n_mblocks,
+    Q, K, TAU, MASK, LIST, LENS, STATS,
+    seq_len, H, GROUP, TM, TN, n_mblocks, n_stiles,
     c, b_exp, hi_exp, tol, niter,
     B_INT: tl.constexpr, INIT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, WITH_STATS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
-    MN: tl.constexpr, SLOTS: tl.constexpr, DOT_PREC: tl.constexpr,
+    MN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (causal) row blocks first
     pid_bh = tl.program_id(1)
@@ -210,20 +293,28 @@ def _tau_kernel(
     empty = n_valid == 0
 
     mask_base = pid_bh.to(tl.int64) * TM * TN
-    mrows = pid_m * (BM // MM) + tl.arange(0, BM // MM)
+    grows = pid_m * (BM // MM) + tl.arange(0, BM // MM)
+    lst = LIST + (pid_bh.to(tl.int64) * n_mblocks + pid_m) * n_stiles
 
-    # 1. the dense pass: row max, chunk bounds (mask codes), candidate scores
+    # 1. the dense pass
     offs_n = tl.arange(0, BN)
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    cand = tl.full([BM, SLOTS, BN // 16], float("-inf"), dtype=tl.float32)
+    t0 = m
+    t1 = m
+    t2 = m
+    t3 = m
+    t4 = m
+    t5 = m
+    t6 = m
+    t7 = m
     j_full = kv_full // BN
     j_stop = tl.cdiv(kv_stop, BN)
-    m, cand = _dense_pass(m, cand, q, K, kv_base, 0, j_full, offs_m, offs_n, offs_d, seq_len, length, c,
-                          row_ok, MASK, mask_base, mrows, TM, TN,
-                          False, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, SLOTS, DOT_PREC)
-    m, cand = _dense_pass(m, cand, q, K, kv_base, j_full, j_stop, offs_m, offs_n, offs_d, seq_len, length, c,
-                          row_ok, MASK, mask_base, mrows, TM, TN,
-                          True, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, SLOTS, DOT_PREC)
+    m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
+        m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, 0, j_full, offs_m, offs_n, offs_d, seq_len, length, c,
+        row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, DOT_PREC)
+    m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
+        m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_full, j_stop, offs_m, offs_n, offs_d, seq_len, length,
+        c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, DOT_PREC)
     zmax = tl.where(empty, 0.0, m * c)
 
     # 2. the bracket and the start
@@ -236,8 +327,8 @@ def _tau_kernel(
         hi = zmax - tl.math.exp2(hi_exp * tl.math.log2(nf))
     lo = zmax - 1.0
     if INIT == 2:
-        vals = tl.reshape(cand, (BM, SLOTS * (BN // 16))) * c
-        tau = subset_tau(vals, zmax, b_exp, B_INT, 8)
+        top = tl.join(tl.join(tl.join(t0, t1), tl.join(t2, t3)), tl.join(tl.join(t4, t5), tl.join(t6, t7)))
+        tau = subset_tau(tl.reshape(top, (BM, 8)) * c, zmax, b_exp, B_INT, 8)
         tau = tl.minimum(tl.maximum(tau, lo), hi)
     elif INIT == 1:
         tau = 0.5 * (lo + hi)
@@ -247,78 +338,79 @@ def _tau_kernel(
     lo = tl.where(empty, BIG, lo)
     hi = tl.where(empty, BIG, hi)
 
-    # 3. sparse Halley sweeps
+    # 3. sparse Halley sweeps; the first re-bases the chunk codes on its tau (tau_ref)
     offs_ns = tl.arange(0, BNS)
     js_full = kv_full // BNS
     js_stop = tl.cdiv(kv_stop, BNS)
     if WITH_STATS:
         tl.atomic_add(STATS, 1)
-    it = pid_bh * 0
-    go = it < niter
+    tau_ref = tau
+    rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
+    zero_g = tl.zeros_like(rebase)
+    n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, zero_g, rebase, BM, MM, BNS // MN, True)
+    n_lead = _count_below(lst, n_list, js_full)
+    s0 = tl.zeros([BM], dtype=tl.float32)
+    s1 = tl.zeros([BM], dtype=tl.float32)
+    s2 = tl.zeros([BM], dtype=tl.float32)
+    s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, 0, n_lead, tau, c, b_exp, row_ok, offs_m, offs_ns, offs_d,
+                        seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, False, IS_CAUSAL, EVEN_D, HEAD_DIM,
+                        TIGHTEN, BM, BNS, MM, MN, DOT_PREC)
+    s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, n_lead, n_list, tau, c, b_exp, row_ok, offs_m, offs_ns,
+                        offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, True, IS_CAUSAL, EVEN_D,
+                        HEAD_DIM, TIGHTEN, BM, BNS, MM, MN, DOT_PREC)
+    if WITH_STATS:
+        tl.atomic_add(STATS + 1, n_list)
+        tl.atomic_add(STATS + 1 + _MAX_SWEEPS_C, 1)
+    tau, lo, hi, step = _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT)
+    it = pid_bh * 0 + 1
+    go = (it < niter) & (tl.max(step, axis=0) > tol)
     while go:
-        rel = tau - zmax
-        thr = tl.min(tl.reshape(rel, (BM // MM, MM)), axis=1)
+        shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, shift, shift, BM, MM, BNS // MN, False)
+        n_lead = _count_below(lst, n_list, js_full)
         s0 = tl.zeros([BM], dtype=tl.float32)
         s1 = tl.zeros([BM], dtype=tl.float32)
         s2 = tl.zeros([BM], dtype=tl.float32)
-        visited = pid_bh * 0
-        s0, s1, s2, visited = _sweep(s0, s1, s2, visited, q, K, kv_base, 0, js_full, tau, thr, rel, c, b_exp,
-                                     row_ok, offs_m, offs_ns, offs_d, seq_len, length, MASK, mask_base, mrows, TM, TN,
-                                     B_INT, False, IS_CAUSAL, EVEN_D, HEAD_DIM, TIGHTEN, BM, BNS, MM, MN,
-                                     DOT_PREC)
-        s0, s1, s2, visited = _sweep(s0, s1, s2, visited, q, K, kv_base, js_full, js_stop, tau, thr, rel, c,
-                                     b_exp, row_ok, offs_m, offs_ns, offs_d, seq_len, length, MASK, mask_base, mrows,
-                                     TM, TN, B_INT, True, IS_CAUSAL, EVEN_D, HEAD_DIM, TIGHTEN, BM, BNS, MM, MN,
-                                     DOT_PREC)
+        s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, 0, n_lead, tau, c, b_exp, row_ok, offs_m, offs_ns,
+                            offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, False, IS_CAUSAL, EVEN_D,
+                            HEAD_DIM, False, BM, BNS, MM, MN, DOT_PREC)
+        s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, n_lead, n_list, tau, c, b_exp, row_ok, offs_m, offs_ns,
+                            offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, True, IS_CAUSAL, EVEN_D,
+                            HEAD_DIM, False, BM, BNS, MM, MN, DOT_PREC)
         if WITH_STATS:
             slot = tl.minimum(it, _MAX_SWEEPS_C - 1)
-            tl.atomic_add(STATS + 1 + slot, visited)
+            tl.atomic_add(STATS + 1 + slot, n_list)
             tl.atomic_add(STATS + 1 + _MAX_SWEEPS_C + slot, 1)
-        # safeguarded Halley step: kept when inside the bracket (inclusive), else bisection
-        f = s0 - 1.0
-        df = -b_exp * s1
-        if B_INT == 1:
-            d2f = s2 * 0.0
-        else:
-            d2f = b_exp * (b_exp - 1.0) * s2
-        above = f > 0
-        lo = tl.where(above, tau, lo)
-        hi = tl.where(above, hi, tau)
-        den = 2.0 * df * df - f * d2f
-        ok = den != 0
-        cand_t = tau - tl.where(ok, 2.0 * f * df / tl.where(ok, den, 1.0), 0.0)
-        inside = ok & (cand_t >= lo) & (cand_t <= hi)
-        new = tl.where(inside, cand_t, 0.5 * (lo + hi))
-        new = tl.where(f == 0, tau, new)
-        new = tl.where(empty, BIG, new)
-        # the step relative to the row's support width (max z - tau): a flat row (many keys in
-        # its support, width down to n^(1-alpha)) needs a proportionally smaller absolute step
-        width = tl.maximum(zmax - new, 1e-6)
-        step = tl.where(empty, 0.0, tl.abs(new - tau) / width)
-        tau = new
+        tau, lo, hi, step = _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT)
         it += 1
         go = (it < niter) & (tl.max(step, axis=0) > tol)
     tl.store(TAU + pid_bh.to(tl.int64) * seq_len + offs_m, tau, mask=offs_m < seq_len)
 
     # 4. the block mask as 0/1 for every chunk of this program's row groups
-    thr = tl.min(tl.reshape(tau - zmax, (BM // MM, MM)), axis=1)
-    chunk_stop = tl.cdiv(kv_stop, MN)
+    shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
+    chunk_stop = js_stop * (BNS // MN)
     ccols0 = tl.arange(0, 64)
     for c0 in range(0, TN, 64):
         ccols = c0 + ccols0
-        cptrs = MASK + mask_base + mrows[:, None] * TN + ccols[None, :]
-        inb = (mrows[:, None] < TM) & (ccols[None, :] < TN)
+        cptrs = MASK + mask_base + grows[:, None] * TN + ccols[None, :]
+        inb = (grows[:, None] < TM) & (ccols[None, :] < TN)
         live = inb & (ccols[None, :] < chunk_stop)
         bound = _decode(tl.load(cptrs, mask=live, other=-127))
-        tl.store(cptrs, (live & (bound > thr[:, None])).to(tl.int8), mask=inb)
+        tl.store(cptrs, (live & (bound + shift[:, None] > 0)).to(tl.int8), mask=inb)
 
 
-_MAX_SWEEPS_C = tl.constexpr(_MAX_SWEEPS)
+# --------------------------------------------------------------------------- launcher
 
 
 def mask_shape(geo: Geometry, config: Config) -> tuple[int, int]:
     """(rows, cols) of one head's block mask at the config's mask tile."""
     return triton.cdiv(geo.seq_len, config["mask_m"]), triton.cdiv(geo.seq_len, config["mask_n"])
+
+
+def tau_scratch_size(geo: Geometry, config: Config) -> int:
+    """int32 entries of the sweep lists' scratch (one list of key tiles per program)."""
+    return geo.rows * triton.cdiv(geo.seq_len, config["tau_block_m"]) * triton.cdiv(
+        geo.seq_len, config["tau_sweep_block_n"])
 
 
 def resolve_tol(config: Config, dtype: torch.dtype, alpha: float) -> float:
@@ -343,27 +435,31 @@ def solve_tau(
     is_causal: bool,
     config: Config,
     mask: torch.Tensor,
+    scratch: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tau (B*Hq, N) float32 in z units; writes every entry of ``mask`` (B*Hq, TM, TN) int8 as the
-    0/1 block mask. q, k contiguous. ``stats`` (optional, int32 of STATS_SLOTS zeros) receives
-    counters of the sweeps (programs, tiles visited per sweep, programs per sweep)."""
+    0/1 block mask. q, k contiguous. ``scratch``: int32 with at least :func:`tau_scratch_size`
+    entries (allocated when None). ``stats`` (optional, int32 of STATS_SLOTS zeros) receives the
+    sweep counters (programs, tiles visited per sweep, programs per sweep)."""
     geo = Geometry.of(q, k)
     bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
     tm, tn = mask_shape(geo, config)
     tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
     n_mblocks = triton.cdiv(geo.seq_len, bm)
+    if scratch is None:
+        scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
     lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
     _tau_kernel[(n_mblocks, geo.rows)](
-        q, k, tau, mask, lens, stats if stats is not None else tau,
-        geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks,
+        q, k, tau, mask, scratch, lens, stats if stats is not None else tau,
+        geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, triton.cdiv(geo.seq_len, bns),
         (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 1.0 - alpha, resolve_tol(config, q.dtype, alpha),
         int(config["niter"]),
         B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
         HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
         TIGHTEN=config["mask_source"] == "sweeps", WITH_STATS=stats is not None,
         BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
-        SLOTS=max(1, _CANDIDATES // (bn // CAND_CHUNK)), DOT_PREC=dot_precision(q.dtype),
+        DOT_PREC=dot_precision(q.dtype),
         num_warps=config["tau_warps"], num_stages=config["tau_stages"],
     )
     return tau
