@@ -40,11 +40,16 @@ SMALL = dict(tau_block_m=16, tau_block_n=16, tau_sweep_block_n=16, mask_m=16, ma
 MIXED = dict(tau_block_m=32, tau_block_n=32, tau_sweep_block_n=64, mask_m=16, mask_n=32, fwd_block_m=32,
              fwd_block_n=64, bwd_block_m=16, bwd_block_n=64, bwd_q_block_m=64, bwd_q_block_n=32, niter=12,
              tau_tol=0.003, tau_init="mid", mask_source="max", fwd_warps=2, bwd_warps=2, tau_stages=1)
-#: the subset start with sweeps finer than the dense pass and a 16 x 16 mask under 64-row tiles
+#: the subset start with sweeps finer than the dense pass and a 16 x 16 mask under 64-row tiles,
+#: the fused backward (dQ by atomics)
 SUBSET = dict(tau_block_m=64, tau_block_n=64, tau_sweep_block_n=16, mask_m=16, mask_n=16, fwd_block_m=32,
               fwd_block_n=16, bwd_block_m=32, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=32, niter=8,
-              tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2)
-CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET}
+              tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2, bwd_mode="fused")
+#: a second dense pass instead of chunk codes in the first, the fused backward on 64-key tiles
+DENSE2 = dict(tau_block_m=32, tau_block_n=64, tau_sweep_block_n=32, mask_m=16, mask_n=32, fwd_block_m=64,
+              fwd_block_n=32, bwd_block_m=16, bwd_block_n=64, niter=8, tau_tol=0.003, tau_dense_passes=2,
+              bwd_mode="fused")
+CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET, "dense2": DENSE2}
 
 
 def _inputs(case, dtype, device, seed=0):
@@ -271,7 +276,7 @@ def test_cpu_smoke_benchmark(tmp_path, triton_device):
 
 # every case in bfloat16 at two configs, and in float32 / float16 at one (compiles stay few)
 GPU_MATRIX = (
-    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default", "subset")]
+    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default", "subset", "dense2")]
     + [(case, "small", torch.float32) for case in CASES]
     + [(CASES[1], "mixed", torch.float16), (CASES[4], "default", torch.float16),
        (CASES[3], "default", torch.float32)]

@@ -10,6 +10,12 @@ With ``p = u^b / l`` (l = sum u^b), ``s = p^(2-alpha) = u^(b-1) * l^(alpha-2)``,
   (The forward therefore needs no second output accumulator.)
 * dK/dV: one program per (key tile, kv head) walks, for each query head of its GQA group, the
   query tiles listed for that key tile, reading delta; it owns its dk/dv rows, so no atomics.
+
+``bwd_mode="fused"`` instead runs one kernel per (key tile, kv head) that also adds each visited
+tile's share of dQ into a float32 buffer with atomic adds: five products per visited tile instead
+of eight. It needs delta before it starts: ``delta_i = dO_i . O2_i`` with the support-weighted mean
+``O2 = sum_j s_ij v_j / sum_j s_ij`` that the forward then keeps (kernels/attention/forward.py).
+Atomic adds make dQ's summation order vary between runs (not bitwise deterministic).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..spec import Config
 from .common import BIG, Geometry, alloc, dot_precision
 from .mask import TileLists
 
-__all__ = ["sparse_backward_kv", "sparse_backward_q"]
+__all__ = ["sparse_backward_kv", "sparse_backward_q", "sparse_backward_fused"]
 
 
 @triton.jit
@@ -112,6 +118,85 @@ def _bwd_kv_kernel(
         dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, TAU, INVL, DELTA, q_base, stat_base, lst, masked, count,
                            offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp,
                            B_INT, False, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
+    tl.store(DK + io_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
+    tl.store(DV + io_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, LIST, i_lo, i_hi,
+                 offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
+                 B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(i_lo, i_hi):
+        qt = tl.load(LIST + i)
+        offs_m = qt * BM + offs_mb
+        row_in = offs_m < seq_len
+        ld = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
+        ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q = tl.load(Q + ptrs, mask=ld, other=0.0)
+        do = tl.load(DO + ptrs, mask=ld, other=0.0)
+        o2 = tl.load(O2 + ptrs, mask=ld, other=0.0)
+        tau = tl.load(TAU + stat_base + offs_m, mask=row_in, other=BIG)
+        inv_l = tl.load(INVL + stat_base + offs_m, mask=row_in, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o2.to(tl.float32), axis=1)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BN, BM)
+        u = st * c - tau[None, :]
+        if MASKED:
+            valid = offs_n[:, None] < length
+            if IS_CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            u = tl.where(valid, u, 0.0)
+        u = tl.maximum(u, 0.0)
+        p = pow_b(u, b_exp, B_INT) * inv_l[None, :]
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
+        w = pow_bm1(u, b_exp, B_INT) * _row_weight_scale(inv_l, sfac_exp, B_INT)[None, :]
+        dst = (w * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
+        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * scale  # (BM, BD)
+        tl.atomic_add(DQ + ptrs, dq, mask=ld, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, DO, O2, TAU, INVL, DK, DV, DQ, LIST, COUNT, LENS,
+    seq_len, H, HKV, GROUP, n_kt, n_qt, c, b_exp, sfac_exp, scale,
+    B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = pid_bkv // HKV
+    kvh = pid_bkv % HKV
+    kv_base = pid_bkv.to(tl.int64) * seq_len * HEAD_DIM
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_mb = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    if HAS_VARLEN:
+        length = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), seq_len)
+    else:
+        length = seq_len
+    io_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    io_ptrs = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + io_ptrs, mask=io_mask, other=0.0)
+    v = tl.load(V + io_ptrs, mask=io_mask, other=0.0)
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    for g in range(0, GROUP):
+        bh = b * H + kvh * GROUP + g
+        q_base = bh.to(tl.int64) * seq_len * HEAD_DIM
+        stat_base = bh.to(tl.int64) * seq_len
+        row = bh.to(tl.int64) * n_kt + pid_n
+        count = tl.load(COUNT + row * 2)
+        masked = tl.load(COUNT + row * 2 + 1)
+        lst = LIST + row * n_qt
+        dk, dv = _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, lst, 0, masked,
+                              offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
+                              B_INT, True, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
+        dk, dv = _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, lst, masked, count,
+                              offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
+                              B_INT, False, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
     tl.store(DK + io_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
     tl.store(DV + io_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
@@ -248,3 +333,27 @@ def sparse_backward_q(
         num_warps=config["bwd_q_warps"], num_stages=config["bwd_q_stages"],
     )
     return dq, delta
+
+
+def sparse_backward_fused(
+    q, k, v, grad_out, o2, tau, inv_l, lists: TileLists, varlen, alpha: float, scale: float,
+    is_causal: bool, config: Config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in q's / k's shape and dtype from one kernel per (key tile, kv head): dQ by
+    atomic adds into float32. ``lists``: key-major (transposed) for (bwd_block_m, bwd_block_n);
+    ``o2`` from the forward (``need_o2``). q, k, v, grad_out, o2 contiguous."""
+    geo = Geometry.of(q, k)
+    bm, bn = config["bwd_block_m"], config["bwd_block_n"]
+    dk = alloc(k.shape, k.dtype, k.device)
+    dv = alloc(v.shape, v.dtype, v.device)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lens = varlen if varlen is not None else tau
+    _bwd_fused_kernel[(lists.n_own, geo.batch * geo.kv_heads)](
+        q, k, v, grad_out, o2, tau, inv_l, dk, dv, dq, lists.index, lists.count, lens,
+        geo.seq_len, geo.q_heads, geo.kv_heads, geo.group, lists.n_own, lists.n_cand,
+        *_common_args(alpha, scale),
+        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim,
+        BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
+        num_warps=config["bwd_warps"], num_stages=config["bwd_stages"],
+    )
+    return dq.to(q.dtype), dk, dv

@@ -1,6 +1,8 @@
 """Stage 3: the sparse forward. One program per (query tile, head) visits only the key tiles in its
 list: ``O = sum_j u^b v_j / sum_j u^b`` (renormalised, so a slightly inexact tau still gives a
-distribution). With ``need_stats`` it also stores ``1 / sum_j u^b`` per row for the backward.
+distribution). With ``need_stats`` it also stores ``1 / sum_j u^b`` per row for the backward, and
+with ``need_o2`` the support-weighted mean ``O2 = sum_j u^(b-1) v_j / sum_j u^(b-1)`` that gives the
+fused backward its ``delta = dO . O2`` (one more product per visited tile).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..powers import pow_b
+from ..powers import pow_b, pow_bm1
 from ..problem import integer_b
 from ..spec import Config
 from .common import BIG, Geometry, alloc, dot_precision
@@ -19,9 +21,9 @@ __all__ = ["sparse_forward"]
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
+def _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
                offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-               B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_O2: tl.constexpr,
                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
@@ -49,14 +51,19 @@ def _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
         p = pow_b(u, b_exp, B_INT)
         l_i += tl.sum(p, axis=1)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i
+        if NEED_O2:
+            w = pow_bm1(u, b_exp, B_INT)
+            l2 += tl.sum(w, axis=1)
+            acc2 = tl.dot(w.to(v.dtype), v, acc2, input_precision=DOT_PREC)
+    return acc, l_i, acc2, l2
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TAU, O, INVL, LIST, COUNT, LENS,
+    Q, K, V, TAU, O, INVL, O2, LIST, COUNT, LENS,
     seq_len, H, GROUP, n_qt, n_kt, c, b_exp,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, NEED_STATS: tl.constexpr,
+    NEED_O2: tl.constexpr,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -87,17 +94,26 @@ def _fwd_kernel(
 
     acc = tl.zeros([BM, BD], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, lst, 0, plain,
-                          offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                          B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
-    acc, l_i = _fwd_tiles(acc, l_i, q, tau, K, V, kv_base, lst, plain, count,
-                          offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                          B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    if NEED_O2:
+        acc2 = tl.zeros([BM, BD], dtype=tl.float32)
+        l2 = tl.zeros([BM], dtype=tl.float32)
+    else:  # unused placeholders (the loop returns them unchanged)
+        acc2 = tl.zeros([1, 1], dtype=tl.float32)
+        l2 = tl.zeros([1], dtype=tl.float32)
+    acc, l_i, acc2, l2 = _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, lst, 0, plain,
+                                    offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                                    B_INT, False, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    acc, l_i, acc2, l2 = _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, lst, plain, count,
+                                    offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                                    B_INT, True, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     o = acc * inv[:, None]
     tl.store(O + io_ptrs, o.to(O.dtype.element_ty), mask=io_mask)
     if NEED_STATS:
         tl.store(INVL + stat, inv, mask=row_in)
+    if NEED_O2:
+        inv2 = tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)
+        tl.store(O2 + io_ptrs, (acc2 * inv2[:, None]).to(O2.dtype.element_ty), mask=io_mask)
 
 
 def sparse_forward(
@@ -113,21 +129,28 @@ def sparse_forward(
     config: Config,
     *,
     need_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out (B, Hq, N, D) in q's dtype, 1 / sum p (B*Hq, N) float32 or None).
+    need_o2: bool = False,
+    inv_l_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(out (B, Hq, N, D) in q's dtype, 1 / sum p (B*Hq, N) float32 or None, O2 in q's shape and
+    dtype or None).
 
-    q, k, v contiguous; ``lists`` built for (fwd_block_m, fwd_block_n) query-major tiles."""
+    q, k, v contiguous; ``lists`` built for (fwd_block_m, fwd_block_n) query-major tiles;
+    ``inv_l_out``: where to write 1 / sum p (contiguous float32 (B*Hq, N)), allocated when None."""
     geo = Geometry.of(q, k)
     bm, bn = config["fwd_block_m"], config["fwd_block_n"]
     out = alloc(q.shape, q.dtype, q.device)
-    inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if need_stats else None
+    inv_l = None
+    if need_stats:
+        inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if inv_l_out is None else inv_l_out
+    o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
     lens = varlen if varlen is not None else tau
     _fwd_kernel[(lists.n_own, geo.rows)](
-        q, k, v, tau, out, inv_l if need_stats else tau, lists.index, lists.count, lens,
+        q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
         (alpha - 1.0) * scale, 1.0 / (alpha - 1.0),
         B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, NEED_STATS=need_stats,
-        HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
-        num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
+        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d,
+        DOT_PREC=dot_precision(q.dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
     )
-    return out, inv_l
+    return out, inv_l, o2

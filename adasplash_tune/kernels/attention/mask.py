@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .common import Geometry
 
-__all__ = ["tile_lists", "TileLists"]
+__all__ = ["tile_lists", "list_size", "TileLists"]
 
 _CHUNK = 128  # candidate tiles handled per step of a list program
 
@@ -83,6 +83,12 @@ class TileLists:
         self.index, self.count, self.n_own, self.n_cand = index, count, n_own, n_cand
 
 
+def list_size(geo: Geometry, block: tuple[int, int], *, transposed: bool) -> int:
+    """int32 entries of the index lists of one compute tiling."""
+    n_q, n_k = triton.cdiv(geo.seq_len, block[0]), triton.cdiv(geo.seq_len, block[1])
+    return geo.rows * n_q * n_k
+
+
 def tile_lists(
     mask: torch.Tensor,
     geo: Geometry,
@@ -92,11 +98,13 @@ def tile_lists(
     block: tuple[int, int],
     *,
     transposed: bool,
+    buffer: torch.Tensor | None = None,
 ) -> TileLists:
     """Lists for compute tiles of ``block`` = (query rows, keys) over a mask of ``mask_tile``.
 
     ``transposed=False``: per query tile, its active key tiles (leading group: unmasked tiles).
     ``transposed=True``: per key tile, its active query tiles (leading group: masked tiles).
+    ``buffer``: an int32 tensor of at least :func:`list_size` entries to hold the lists.
     """
     mm, mn = mask_tile
     bm, bn = block
@@ -108,7 +116,11 @@ def tile_lists(
         n_own, n_cand, r_own, r_cand, own_block, cand_block = n_k, n_q, bn // mn, bm // mm, bn, bm
     else:
         n_own, n_cand, r_own, r_cand, own_block, cand_block = n_q, n_k, bm // mm, bn // mn, bm, bn
-    index = torch.empty((geo.rows, n_own, n_cand), dtype=torch.int32, device=mask.device)
+    size = geo.rows * n_own * n_cand
+    if buffer is None:
+        index = torch.empty((geo.rows, n_own, n_cand), dtype=torch.int32, device=mask.device)
+    else:  # a caller's int32 buffer of at least list_size() entries
+        index = buffer[:size].view(geo.rows, n_own, n_cand)
     count = torch.empty((geo.rows, n_own, 2), dtype=torch.int32, device=mask.device)
     chunk = min(_CHUNK, triton.next_power_of_2(n_cand))
     lens = varlen if varlen is not None else count

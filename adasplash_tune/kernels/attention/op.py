@@ -19,11 +19,11 @@ import triton
 
 from ..declarations.attention import TRITON, fit_triton_config
 from ..spec import Config
-from .backward import sparse_backward_kv, sparse_backward_q
+from .backward import sparse_backward_fused, sparse_backward_kv, sparse_backward_q
 from .common import Geometry, poison_outputs
 from .forward import sparse_forward
-from .mask import TileLists, tile_lists
-from .tau import mask_shape, solve_tau
+from .mask import TileLists, list_size, tile_lists
+from .tau import mask_shape, solve_tau, tau_scratch_size
 
 __all__ = [
     "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
@@ -84,29 +84,42 @@ def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tens
 
 
 def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
+    """(out, stats (2, B*Hq, N) = (tau, 1 / sum p) or None, mask, O2 or None). The tau sweeps'
+    scratch and the forward's tile lists share one buffer."""
     geo = Geometry.of(q, k)
     mask = _new_mask(geo, config, q.device)
-    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask)
-    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
-                       (config["fwd_block_m"], config["fwd_block_n"]), transposed=False)
-    out, inv_l = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
-                                need_stats=need_stats)
-    return out, tau, inv_l, mask
+    stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
+    fwd_tile = (config["fwd_block_m"], config["fwd_block_n"])
+    scratch = torch.empty(max(tau_scratch_size(geo, config), list_size(geo, fwd_tile, transposed=False)),
+                          dtype=torch.int32, device=q.device)
+    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=stats[0])
+    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]), fwd_tile,
+                       transposed=False, buffer=scratch)
+    need_o2 = need_stats and config["bwd_mode"] == "fused"
+    out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
+                                need_stats=need_stats, need_o2=need_o2, inv_l_out=stats[1])
+    return out, (stats if need_stats else None), mask, o2
 
 
-def _backward(grad_out, q, k, v, tau, inv_l, mask, varlen, alpha, scale, is_causal, config,
+def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causal, config,
               need_kv: bool = True):
-    """(dq, dk, dv); dK/dV only with ``need_kv`` (dQ always runs: it computes delta)."""
+    """(dq, dk, dv); dK/dV only with ``need_kv`` (the split dQ kernel always runs: it computes
+    delta). The fused mode needs the forward's O2."""
     geo = Geometry.of(q, k)
     grad_out = grad_out.contiguous()
+    tau, inv_l = stats[0], stats[1]
     mask_tile = (config["mask_m"], config["mask_n"])
+    kv_tile = (config["bwd_block_m"], config["bwd_block_n"])
+    if config["bwd_mode"] == "fused" and need_kv and o2 is not None:
+        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
+        return sparse_backward_fused(q, k, v, grad_out, o2, tau, inv_l, lists, varlen, alpha, scale,
+                                     is_causal, config)
     lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
                        (config["bwd_q_block_m"], config["bwd_q_block_n"]), transposed=False)
     dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config)
     dk = dv = None
     if need_kv:
-        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
-                           (config["bwd_block_m"], config["bwd_block_n"]), transposed=True)
+        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
         dk, dv = sparse_backward_kv(q, k, v, grad_out, tau, inv_l, delta, lists, varlen, alpha, scale,
                                     is_causal, config)
     return dq, dk, dv
@@ -117,18 +130,18 @@ class _AdaSplashTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha, is_causal, varlen, scale, config):  # type: ignore[override]
         need = any(ctx.needs_input_grad[:3])
         qc, kc, vc, lens = _prepare(q, k, v, varlen)
-        out, tau, inv_l, mask = _forward(qc, kc, vc, alpha, is_causal, lens, scale, config, need)
+        out, stats, mask, o2 = _forward(qc, kc, vc, alpha, is_causal, lens, scale, config, need)
         if need:
-            ctx.save_for_backward(qc, kc, vc, tau, inv_l, mask, lens)
+            ctx.save_for_backward(qc, kc, vc, stats, mask, o2, lens)
             ctx.args = (alpha, scale, is_causal, config)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, tau, inv_l, mask, lens = ctx.saved_tensors
+        q, k, v, stats, mask, o2, lens = ctx.saved_tensors
         alpha, scale, is_causal, config = ctx.args
         need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _backward(grad_out, q, k, v, tau, inv_l, mask, lens, alpha, scale, is_causal,
+        dq, dk, dv = _backward(grad_out, q, k, v, stats, mask, o2, lens, alpha, scale, is_causal,
                                config, need_kv)
         return (dq if ctx.needs_input_grad[0] else None), dk, dv, None, None, None, None, None
 
@@ -169,22 +182,24 @@ def adasplash_triton_residuals(q, k, v, config=None) -> list[tuple[tuple[int, ..
     batch, heads, n, d = q.shape
     cfg = TRITON.default() if config is None else config
     tm, tn = triton.cdiv(n, cfg["mask_m"]), triton.cdiv(n, cfg["mask_n"])
-    return [((2, batch, heads, n), torch.float32), ((batch * heads, tm, tn), torch.int8)]
+    shapes = [((2, batch * heads, n), torch.float32), ((batch * heads, tm, tn), torch.int8)]
+    if cfg["bwd_mode"] == "fused":
+        shapes.append((tuple(q.shape), _compute_dtype(q, q, q)[0].dtype))
+    return shapes
 
 
 def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *,
                              need_residuals: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Forward of the pair: (out, [stats, mask]), or (out, []) without ``need_residuals``."""
+    """Forward of the pair: (out, [stats, mask] (+ [O2] in the fused backward mode)), or (out, [])
+    without ``need_residuals``."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
-    out, tau, inv_l, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
-                                     need_residuals)
+    out, stats, mask, o2 = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
+                                    need_residuals)
     out = out.to(q.dtype)
     if not need_residuals:
         return out, []
-    batch, heads, n, _ = q.shape
-    stats = torch.stack((tau, inv_l)).view(2, batch, heads, n)
-    return out, [stats, mask]
+    return out, [stats, mask] + ([o2] if o2 is not None else [])
 
 
 def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.Tensor], alpha, is_causal, varlen,
@@ -194,12 +209,9 @@ def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.
     None for the gradients ``needs`` does not ask for."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
-    stats, mask = residuals
-    batch, heads, n, _ = q.shape
-    tau = stats[0].reshape(batch * heads, n).contiguous()
-    inv_l = stats[1].reshape(batch * heads, n).contiguous()
-    dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, tau, inv_l, mask, lens, float(alpha),
-                           float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2])
+    stats, mask, *rest = residuals
+    dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
+                           float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2])
     return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
             dv.to(v.dtype) if needs[2] else None)
 
@@ -218,7 +230,8 @@ def forward_stages(q, k, v, alpha: float, is_causal: bool, varlen, scale: float,
     ``mask`` (B*Hq, TM, TN) int8, ``lists`` (TileLists of the forward tiling) and ``out``."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
-    out, tau, _, mask = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, False)
+    out, stats, mask, _ = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, True)
+    tau = stats[0]
     geo = Geometry.of(qc, kc)
     lists: TileLists = tile_lists(mask, geo, lens, is_causal, (cfg["mask_m"], cfg["mask_n"]),
                                   (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)

@@ -22,6 +22,9 @@ One program owns ``tau_block_m`` query rows of one head.
    than to the row max stay tight across rows whose supports differ in width. The loop stops on
    the device once every row's step is at most ``tau_tol`` of its support width ``max z - tau``
    (``niter`` is a cap): no host synchronisation, CUDA-graph safe.
+   ``tau_dense_passes=2`` drops the chunk codes from the dense pass (no per-tile cross-warp
+   reduction there) and makes the first sweep dense instead: it visits every tile and writes
+   every chunk's exact code.
 4. **The mask.** Finally every chunk of the program's row groups is written as 0/1: active when its
    bound plus ``max over the group of (tau_ref - tau)`` is positive (a superset of the chunks
    holding some ``z > tau``, so the sparse products computed from it are exact). Every entry of
@@ -119,8 +122,10 @@ def _insert(t0, t1, t2, t3, t4, t5, t6, t7, x):
 def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, offs_m, offs_n, offs_d,
                 seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                TOPK: tl.constexpr, CODES: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Row max, top-8 tile maxima and chunk codes over key tiles [j_lo, j_hi)."""
+    """Row max, with TOPK the eight largest tile maxima and with CODES the chunk codes, over key
+    tiles [j_lo, j_hi)."""
     NCM: tl.constexpr = BN // MN
     sub = tl.arange(0, NCM)
     for j in range(j_lo, j_hi):
@@ -131,13 +136,15 @@ def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, of
             s = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), s, float("-inf"))
         tm = tl.max(s, axis=1)
         m = tl.maximum(m, tm)
-        t0, t1, t2, t3, t4, t5, t6, t7 = _insert(t0, t1, t2, t3, t4, t5, t6, t7, tm)
-        g = tl.where(row_ok, (tm - m) * c, float("-inf"))
-        code = _encode(_group_max(g, BM, MM))
-        mcols = j * NCM + sub
-        tl.store(MASK + mask_base + grows[:, None] * TN + mcols[None, :],
-                 tl.broadcast_to(code[:, None], (BM // MM, NCM)),
-                 mask=(grows[:, None] < TM) & (mcols[None, :] < TN))
+        if TOPK:
+            t0, t1, t2, t3, t4, t5, t6, t7 = _insert(t0, t1, t2, t3, t4, t5, t6, t7, tm)
+        if CODES:
+            g = tl.where(row_ok, (tm - m) * c, float("-inf"))
+            code = _encode(_group_max(g, BM, MM))
+            mcols = j * NCM + sub
+            tl.store(MASK + mask_base + grows[:, None] * TN + mcols[None, :],
+                     tl.broadcast_to(code[:, None], (BM // MM, NCM)),
+                     mask=(grows[:, None] < TM) & (mcols[None, :] < TN))
     return m, t0, t1, t2, t3, t4, t5, t6, t7
 
 
@@ -210,6 +217,16 @@ def _sweep(s0, s1, s2, q, K, kv_base, LST, i_lo, i_hi, tau, c, b_exp, row_ok,
 
 
 @triton.jit
+def _list_all(LST, n_tiles):
+    """LST[0:n_tiles] = 0, 1, ..., n_tiles - 1; returns n_tiles."""
+    offs = tl.arange(0, _LIST_CHUNK)
+    for c0 in range(0, n_tiles, _LIST_CHUNK):
+        idx = c0 + offs
+        tl.store(LST + idx, idx, mask=idx < n_tiles)
+    return n_tiles
+
+
+@triton.jit
 def _count_below(LST, n, limit):
     """How many of the ascending LST[0:n] are below ``limit`` (the tiles needing no masking)."""
     lead = n * 0
@@ -257,7 +274,8 @@ def _tau_kernel(
     seq_len, H, GROUP, TM, TN, n_mblocks, n_stiles,
     c, b_exp, hi_exp, tol, niter,
     B_INT: tl.constexpr, INIT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, WITH_STATS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, CODES: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
     MN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -311,10 +329,12 @@ def _tau_kernel(
     j_stop = tl.cdiv(kv_stop, BN)
     m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
         m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, 0, j_full, offs_m, offs_n, offs_d, seq_len, length, c,
-        row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, DOT_PREC)
+        row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM, INIT == 2, CODES,
+        BM, BN, MM, MN, DOT_PREC)
     m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
         m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_full, j_stop, offs_m, offs_n, offs_d, seq_len, length,
-        c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D, HEAD_DIM, BM, BN, MM, MN, DOT_PREC)
+        c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D, HEAD_DIM, INIT == 2, CODES,
+        BM, BN, MM, MN, DOT_PREC)
     zmax = tl.where(empty, 0.0, m * c)
 
     # 2. the bracket and the start
@@ -345,19 +365,23 @@ def _tau_kernel(
     if WITH_STATS:
         tl.atomic_add(STATS, 1)
     tau_ref = tau
-    rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
-    zero_g = tl.zeros_like(rebase)
-    n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, zero_g, rebase, BM, MM, BNS // MN, True)
-    n_lead = _count_below(lst, n_list, js_full)
+    if CODES:
+        rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
+        zero_g = tl.zeros_like(rebase)
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, zero_g, rebase, BM, MM, BNS // MN, True)
+        n_lead = _count_below(lst, n_list, js_full)
+    else:  # a second dense pass: every tile, each chunk's code made exact
+        n_list = _list_all(lst, js_stop)
+        n_lead = js_full
     s0 = tl.zeros([BM], dtype=tl.float32)
     s1 = tl.zeros([BM], dtype=tl.float32)
     s2 = tl.zeros([BM], dtype=tl.float32)
     s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, 0, n_lead, tau, c, b_exp, row_ok, offs_m, offs_ns, offs_d,
                         seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, False, IS_CAUSAL, EVEN_D, HEAD_DIM,
-                        TIGHTEN, BM, BNS, MM, MN, DOT_PREC)
+                        TIGHTEN or not CODES, BM, BNS, MM, MN, DOT_PREC)
     s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, n_lead, n_list, tau, c, b_exp, row_ok, offs_m, offs_ns,
                         offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, True, IS_CAUSAL, EVEN_D,
-                        HEAD_DIM, TIGHTEN, BM, BNS, MM, MN, DOT_PREC)
+                        HEAD_DIM, TIGHTEN or not CODES, BM, BNS, MM, MN, DOT_PREC)
     if WITH_STATS:
         tl.atomic_add(STATS + 1, n_list)
         tl.atomic_add(STATS + 1 + _MAX_SWEEPS_C, 1)
@@ -437,15 +461,17 @@ def solve_tau(
     mask: torch.Tensor,
     scratch: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tau (B*Hq, N) float32 in z units; writes every entry of ``mask`` (B*Hq, TM, TN) int8 as the
     0/1 block mask. q, k contiguous. ``scratch``: int32 with at least :func:`tau_scratch_size`
     entries (allocated when None). ``stats`` (optional, int32 of STATS_SLOTS zeros) receives the
-    sweep counters (programs, tiles visited per sweep, programs per sweep)."""
+    sweep counters (programs, tiles visited per sweep, programs per sweep). ``out``: where to write
+    tau (contiguous float32 (B*Hq, N)), allocated when None."""
     geo = Geometry.of(q, k)
     bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
     tm, tn = mask_shape(geo, config)
-    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
+    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if out is None else out
     n_mblocks = triton.cdiv(geo.seq_len, bm)
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
@@ -457,7 +483,8 @@ def solve_tau(
         int(config["niter"]),
         B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
         HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
-        TIGHTEN=config["mask_source"] == "sweeps", WITH_STATS=stats is not None,
+        TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
+        WITH_STATS=stats is not None,
         BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
         DOT_PREC=dot_precision(q.dtype),
         num_warps=config["tau_warps"], num_stages=config["tau_stages"],

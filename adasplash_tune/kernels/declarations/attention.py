@@ -45,6 +45,10 @@ _TRITON_PARAMS = (
     Param("tau_sweep_block_n", TILES, 64,
           "keys per step of the sparse Halley sweeps: the granularity at which they skip key tiles "
           "that hold no score above the current tau"),
+    Param("tau_dense_passes", (1, 2), 1,
+          "1: the pass that finds each row's max also bounds every chunk, so the first Halley sweep "
+          "already skips; 2: that pass finds the max only and the first sweep visits every key "
+          "tile (cheaper first pass, exact bounds from the start)"),
     Param("tau_init", ("subset", "mid", "lo"), "subset",
           "first tau: the threshold of the row's largest chunk maxima (a lower bound of the root), "
           "or the midpoint / lower end of the bracket [max-1, max-n^(1-alpha)]", accuracy=True),
@@ -62,6 +66,11 @@ _TRITON_PARAMS = (
     Param("fwd_block_n", TILES, 64),
     Param("fwd_warps", (2, 4, 8), 8),
     Param("fwd_stages", (1, 2, 3, 4), 3),
+    Param("bwd_mode", ("split", "fused"), "split",
+          "split: a dQ kernel (which finds delta on the way) then a dK/dV kernel, eight products per "
+          "visited tile; fused: one kernel per key tile adds dQ by atomics, five products, with delta "
+          "from a support-weighted mean the forward keeps (one more product there); dQ's "
+          "summation order then varies between runs"),
     Param("bwd_block_m", TILES, 64, "dK/dV kernel: query rows per step"),
     Param("bwd_block_n", TILES, 64, "dK/dV kernel: keys per program"),
     Param("bwd_warps", (2, 4, 8), 4),
