@@ -17,17 +17,20 @@ from typing import Any, Mapping
 
 from ..kernels.problem import DTYPE_NAMES, attention_key, entmax_key, key_to_json
 from ..kernels.registry import get_spec
+from .errors import EntryError
 
-__all__ = ["Entry", "EntryError", "validate_entry", "entry_from_dict", "split_key", "SIZE_FIELDS"]
+__all__ = [
+    "Entry", "EntryError", "validate_entry", "entry_from_dict", "split_key", "SIZE_FIELDS", "MAX_DEPTH",
+    "check_depth", "short_repr",
+]
 
 #: The size buckets of each kernel's key: (major, minor). The nearest lookup relaxes these,
 #: the major one first.
 SIZE_FIELDS: dict[str, tuple[str, str]] = {"adasplash": ("seq", "bh"), "entmax": ("cols", "rows")}
 _ALPHA_CLASSES = ("1.5", "2", "4/3", "1.25", "generic")
-
-
-class EntryError(ValueError):
-    """An entry (or a row of an imported file) is not valid cache data."""
+#: How deeply an entry's JSON data (device, key, config, provenance) may nest; real entries
+#: nest 2 levels. Deeper data is rejected before anything recurses through it.
+MAX_DEPTH = 32
 
 
 @dataclass
@@ -100,7 +103,7 @@ def _check_key(kernel: str, backend: str, key: Any) -> dict[str, Any]:
         raise EntryError(f"key fields do not match {kernel}'s key: unknown {unknown}, missing {missing}")
     for name, kind in template:
         if type(key[name]) is not kind:
-            raise EntryError(f"key field {name!r} must be {kind.__name__}, got {key[name]!r}")
+            raise EntryError(f"key field {name!r} must be {kind.__name__}, got {short_repr(key[name])}")
     if key["backend"] != backend:
         raise EntryError(f"key backend {key['backend']!r} differs from entry backend {backend!r}")
     if key["dtype"] not in DTYPE_NAMES:
@@ -110,7 +113,7 @@ def _check_key(kernel: str, backend: str, key: Any) -> dict[str, Any]:
     for name in SIZE_FIELDS[kernel]:
         value = key[name]
         if value < 1 or value & (value - 1):
-            raise EntryError(f"key field {name!r} must be a power of two, got {value}")
+            raise EntryError(f"key field {name!r} must be a power of two, got {short_repr(value)}")
     return dict(key)
 
 
@@ -124,11 +127,42 @@ def split_key(kernel: str, key: Mapping[str, Any]) -> tuple[str, int, int]:
 def _number(name: str, value: Any, *, optional: bool = True) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EntryError(f"{name} must be a finite number or null, got {value!r}")
-    if value < 0:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = None
+    if number is None or not math.isfinite(number):
+        raise EntryError(f"{name} must be a finite number or null, got {short_repr(value)}")
+    if number < 0:
         raise EntryError(f"{name} must not be negative, got {value!r}")
-    return float(value)
+    return number
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters (a hostile row may hold a huge value)."""
+    if isinstance(value, int) and value.bit_length() > 200:  # repr of a huge int may even fail
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_depth(name: str, value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise EntryError if ``value`` nests lists/objects deeper than ``limit`` (iterative: never
+    recurses, whatever the depth)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            raise EntryError(f"{name} is nested deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _spread(value: Any) -> float | None:
@@ -142,9 +176,12 @@ def _as_object(name: str, value: Any) -> Any:
     """Objects may arrive as JSON text (SQLite rows); parse it, naming the field if malformed."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except ValueError as exc:
             raise EntryError(f"{name}: malformed JSON ({exc})") from None
+        except RecursionError:
+            raise EntryError(f"{name} is nested deeper than {MAX_DEPTH} levels") from None
+    check_depth(name, value)
     return value
 
 
@@ -158,9 +195,14 @@ def _as_datetime(name: str, value: Any) -> datetime | None:
             raise EntryError(f"{name} is not an ISO timestamp: {value!r}") from None
     else:
         raise EntryError(f"{name} must be an ISO timestamp, got {value!r}")
-    if result is not None and result.tzinfo is None:
-        result = result.replace(tzinfo=timezone.utc)
-    return result
+    if result is None:
+        return None
+    if result.tzinfo is None:
+        return result.replace(tzinfo=timezone.utc)
+    try:
+        return result.astimezone(timezone.utc)
+    except OverflowError:  # e.g. year 1 at +01:00
+        raise EntryError(f"{name} {value!r} is out of the representable range") from None
 
 
 def validate_entry(entry: Entry, context: Mapping[str, Any] | None = None) -> Entry:
@@ -193,11 +235,11 @@ def validate_entry(entry: Entry, context: Mapping[str, Any] | None = None) -> En
     if not isinstance(provenance, Mapping):
         raise EntryError("provenance must be an object")
     if isinstance(entry.trials, bool) or not isinstance(entry.trials, int) or entry.trials < 0:
-        raise EntryError(f"trials must be a non-negative integer, got {entry.trials!r}")
+        raise EntryError(f"trials must be a non-negative integer, got {short_repr(entry.trials)}")
     if not isinstance(entry.strategy, str):
-        raise EntryError(f"strategy must be a string, got {entry.strategy!r}")
+        raise EntryError(f"strategy must be a string, got {short_repr(entry.strategy)}")
     if not isinstance(entry.failed_verify, bool):
-        raise EntryError(f"failed_verify must be true or false, got {entry.failed_verify!r}")
+        raise EntryError(f"failed_verify must be true or false, got {short_repr(entry.failed_verify)}")
     return Entry(
         kernel=entry.kernel, backend=entry.backend, device=dict(device),
         kernel_hash=entry.kernel_hash, key=key, config=checked.as_dict(),

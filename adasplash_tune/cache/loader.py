@@ -7,6 +7,9 @@ settings): after the first lookup for a key no database is touched again. Nothin
 * ``ADASPLASH_TUNE_MODE``: ``cache`` (default), ``off`` (declared defaults only), ``online``
   (reserved: behaves as ``cache`` after a one-time warning).
 * ``ADASPLASH_TUNE_CACHE``: the user cache (path or SQLAlchemy URL), opened read-only.
+* Cache files (the user's and the shipped ones) are read through the standard library's sqlite3
+  (:mod:`.lookup`: one indexed SELECT per lookup, no SQLAlchemy import on this path); a server
+  URL goes through the SQLAlchemy store.
 * Shipped caches: ``locations.shipped_dir()`` (monkeypatch ``locations.SHIPPED_DIR`` or set
   ``ADASPLASH_TUNE_SHIPPED_DIR``); the device's own file is ``locations.shipped_name(GPU name)``.
 * ``ADASPLASH_TUNE_RECORD=FILE``: each new (device, key) is appended once as a JSON line with
@@ -14,7 +17,7 @@ settings): after the first lookup for a key no database is touched again. Nothin
 
 Entries whose kernel hash differs from ``spec.source_hash()`` are stale and never used; entries
 flagged by ``verify`` are skipped. A missing or unreadable cache logs one warning and is skipped:
-selection never breaks a forward pass.
+selection never breaks a forward pass. A 0-byte cache file is an empty cache.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 _LOCK = threading.RLock()
 _MEMO: dict[tuple, tuple[Config, str]] = {}
-_STORES: dict[tuple[str, bool], Any] = {}  # (location, immutable) -> ConfigStore or None
+_STORES: dict[tuple[str, bool], Any] = {}  # (location, shipped) -> FileLookup, ConfigStore or None
 _STORES_PID = os.getpid()
+_FORSAKEN: list[Any] = []  # a forked child's copies of its parent's connections, never used
 _HASHES: dict[tuple[str, str], str] = {}
 _RECORDED: set[tuple] = set()
 _WARNED: set[str] = set()
@@ -91,37 +95,61 @@ def clear_memo() -> None:
 
 
 def _open_user(location: str) -> Any:
-    from .store import SchemaOutdatedError, open_store
+    """The user cache: a file through sqlite3 (:class:`.lookup.FileLookup`), a server through
+    the SQLAlchemy store; None when the file does not exist. An older file is upgraded first."""
+    from .errors import SchemaOutdatedError
+    from .lookup import FileLookup
 
-    explicit = bool(os.environ.get(locations.ENV_CACHE))
-    if not locations.is_url(location) and not Path(location).expanduser().exists():
-        if explicit:
+    path = locations.sqlite_file(location)
+    if path is None:
+        return _open_server(location)
+    if not path.exists():
+        if os.environ.get(locations.ENV_CACHE):
             _warn_once(f"open-{location}", "config cache %s does not exist; using shipped caches "
                        "and defaults", location)
         else:
             log.debug("no user config cache at %s yet", location)
         return None
     try:
+        return FileLookup.open(path)
+    except SchemaOutdatedError:
+        from .store import open_store
+
+        log.info("upgrading the config cache %s to the current schema", location)
+        open_store(location).close()
+        return FileLookup.open(path)
+
+
+def _open_server(location: str) -> Any:
+    from .store import SchemaOutdatedError, open_store
+
+    try:
         return open_store(location, readonly=True)
     except SchemaOutdatedError:
-        log.info("upgrading the config cache %s to the current schema", location)
+        log.info("upgrading the config cache %s to the current schema",
+                 locations.display_location(location))
         open_store(location).close()
         return open_store(location, readonly=True)
 
 
 def _drop_stores() -> None:
-    """Close the open stores; in a forked child only forget the parent's connections."""
+    """Close the open caches; in a forked child only forget the parent's connections (kept
+    referenced, so that not even garbage collection closes them here)."""
     global _STORES_PID
     forked = _STORES_PID != os.getpid()
     for store in _STORES.values():
-        if store is not None:
-            store.engine.dispose(close=not forked)
+        if store is None:
+            continue
+        if forked:
+            _FORSAKEN.append(store)
+        else:
+            store.close()
     _STORES.clear()
     _STORES_PID = os.getpid()
 
 
 def _store(location: str, *, user: bool) -> Any:
-    """The open store at ``location`` (None if missing or unreadable: warned once)."""
+    """The open cache at ``location`` (None if missing or unreadable: warned once)."""
     if _STORES_PID != os.getpid():  # a forked child must not reuse the parent's connections
         _drop_stores()
     ident = (location, not user)
@@ -132,9 +160,9 @@ def _store(location: str, *, user: bool) -> Any:
         if user:
             store = _open_user(location)
         else:
-            from .store import open_store
+            from .lookup import FileLookup
 
-            store = open_store(location, readonly=True, immutable=True)
+            store = FileLookup.open(Path(location), immutable=True)
     except Exception as exc:  # noqa: BLE001 - a broken cache must not break the forward pass
         _warn_once(f"open-{location}", "cannot use config cache (%s); falling back", exc)
     _STORES[ident] = store
@@ -146,7 +174,7 @@ def _query(store: Any, method: str, *args: Any) -> Any:
         return getattr(store, method)(*args)
     except Exception as exc:  # noqa: BLE001 - same rule as opening
         _warn_once(f"query-{store.location}", "config cache %s failed (%s); falling back",
-                   store.location, exc)
+                   locations.display_location(store.location), exc)
         return None
 
 

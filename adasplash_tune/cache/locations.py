@@ -3,6 +3,7 @@
 The shipped directory is :data:`SHIPPED_DIR` when set (tests monkeypatch it), else
 ``$ADASPLASH_TUNE_SHIPPED_DIR`` when set, else ``adasplash_tune/cache/shipped/`` in the package.
 Shipped caches are named after the GPU model: ``NVIDIA H200`` -> ``nvidia-h200.sqlite``.
+Whatever prints a location prints :func:`display_location` of it (a URL's password masked).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 __all__ = [
     "ENV_CACHE", "ENV_SHIPPED", "SHIPPED_DIR", "default_cache_path", "user_cache_location",
-    "shipped_dir", "shipped_name", "shipped_files", "is_url",
+    "shipped_dir", "shipped_name", "shipped_files", "is_url", "sqlite_file",
+    "display_location", "hide_password",
 ]
 
 ENV_CACHE = "ADASPLASH_TUNE_CACHE"
@@ -44,6 +47,54 @@ def user_cache_location(override: str | None = None) -> str:
 def is_url(location: str) -> bool:
     """True for SQLAlchemy URLs (``dialect[+driver]://...``), False for plain paths."""
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+def sqlite_file(location: str) -> Path | None:
+    """The SQLite file a location names (a plain path, or a ``sqlite:///PATH`` URL without
+    options); None for anything else (server URLs, in-memory SQLite, URLs with options)."""
+    if not is_url(location):
+        return Path(location).expanduser()
+    prefix = "sqlite:///"
+    database = location[len(prefix):]
+    if not location.startswith(prefix) or not database or "?" in database or database == ":memory:":
+        return None
+    return Path(unquote(database)).expanduser()  # as SQLAlchemy reads it
+
+
+_USERINFO = re.compile(r"^([^/]*://)([^:@/]*):(.*)@")
+
+
+def display_location(location: str) -> str:
+    """``location`` safe to print: a URL's password becomes ``***`` (paths are unchanged).
+
+    SQLAlchemy renders the URLs it parses (``URL.render_as_string(hide_password=True)``); what
+    it cannot parse, and any ``@`` it would take for part of the host, is masked up to the last
+    ``@`` (over-masking beats leaking a password)."""
+    if "://" not in location:
+        return location
+    if is_url(location):
+        try:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(location)
+            if url.password is not None:
+                location = url.render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - not parsable: the pattern below still masks it
+            pass
+    return _USERINFO.sub(r"\1\2:***@", location, count=1)
+
+
+def hide_password(text: str, location: str) -> str:
+    """``text`` (an error message about ``location``) with the raw location and its password
+    replaced by their masked forms."""
+    if "://" not in location:
+        return text
+    text = text.replace(location, display_location(location))
+    match = _USERINFO.match(location)
+    if match and match.group(3):  # the password where it stands as a word of its own
+        pattern = rf"(?<![A-Za-z0-9]){re.escape(match.group(3))}(?![A-Za-z0-9])"
+        text = re.sub(pattern, "***", text)
+    return text
 
 
 def shipped_dir() -> Path:

@@ -9,8 +9,8 @@ Tables
 ``failed_configs``  configs that failed, with a typed reason, so they are never re-run
 
 Configs, keys and provenance are stored as canonical JSON text (sorted keys, compact): plain data
-that every dialect compares and indexes the same way. A layout change bumps
-:data:`SCHEMA_VERSION` and adds a step to :mod:`adasplash_tune.cache.migrations`.
+that every dialect compares and indexes the same way. A layout change bumps ``SCHEMA_VERSION``
+(in :mod:`adasplash_tune.cache.layout`) and adds a step to :mod:`adasplash_tune.cache.migrations`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from .layout import APP_ID, DEVICE_FIELDS, SCHEMA_VERSION
+
 __all__ = [
     "APP_ID", "SCHEMA_VERSION", "Base", "SchemaVersion", "Device", "Kernel", "TunedEntry",
     "FailedConfig", "FailureReason", "UTCDateTime", "utcnow",
 ]
-
-#: Written into ``schema_version.app``; a database without it is not ours.
-APP_ID = "adasplash-tune"
-#: The layout these models describe. Version 1: first layout; 2: nearest-lookup columns
-#: (key_base, size_major, size_minor) and the verify flag on tuned entries.
-SCHEMA_VERSION = 2
-
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
@@ -99,8 +94,7 @@ class Device(Base):
     triton_version: Mapped[str] = mapped_column(String(64), default="")
     runtime_version: Mapped[str] = mapped_column(String(64), default="")
 
-    FIELDS = ("backend", "vendor", "name", "arch", "sm_count", "shared_mem", "torch_version",
-              "triton_version", "runtime_version")
+    FIELDS = DEVICE_FIELDS
 
     def as_dict(self) -> dict[str, Any]:
         data = {f: getattr(self, f) for f in self.FIELDS}

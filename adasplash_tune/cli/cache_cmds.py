@@ -54,13 +54,20 @@ def _current_hashes() -> dict[tuple[str, str], str]:
     return {(s.kernel, s.backend): s.source_hash() for s in all_specs()}
 
 
-def _short(mapping: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+def _short(mapping: Any, skip: tuple[str, ...] = ()) -> str:
+    if not isinstance(mapping, dict):  # an invalid row's unparsable field
+        return ascii(mapping)[:60]
     return " ".join(f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
-                    for k, v in sorted(mapping.items()) if k not in skip)
+                    for k, v in sorted(mapping.items(), key=lambda item: str(item[0])) if k not in skip)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):  # an invalid row's non-numeric field
+        return ascii(value)[:20]
 
 
 def _match_devices(store: Any, device: str) -> list[str]:
@@ -75,18 +82,44 @@ def _match_devices(store: Any, device: str) -> list[str]:
 
 
 def entry_rows(store: Any, kernel: str | None, device: str | None) -> list[dict[str, Any]]:
-    """Entries as JSON-ready dicts (what ``show --json`` prints), stale ones flagged."""
+    """Entries as JSON-ready dicts (what ``show --json`` prints), each validated as it is read:
+    ``status`` is ``ok``, ``stale`` (its kernel code changed since tuning), ``failed`` (marked by
+    ``verify``) or ``invalid: <reason>`` (a row the current declarations or the schema's limits
+    refuse, e.g. edited in the database; the loader ignores it too)."""
+    from ..cache.validation import storable_row
+
     hashes = _current_hashes()
     device_ids = _match_devices(store, device) if device else [None]
     rows = []
     for device_id in device_ids:
-        for entry in store.entries(kernel, device_id):
-            data = entry.to_dict()
-            data["device"] = entry.device_id
-            data["arch"] = entry.device.get("arch", "")
-            data["stale"] = hashes.get((entry.kernel, entry.backend)) != entry.kernel_hash
+        for raw in store.raw_rows(kernel, device_id):
+            try:
+                data = storable_row(raw).to_dict()
+                invalid = None
+            except (ValueError, TypeError, OverflowError) as exc:
+                data, invalid = _as_shown(raw), str(exc)
+            data["device"] = raw["device"]["device_id"]
+            data["arch"] = raw["device"].get("arch", "")
+            data["stale"] = hashes.get((raw["kernel"], raw["backend"])) != raw["kernel_hash"]
+            data["invalid"] = invalid
+            data["status"] = (f"invalid: {invalid}" if invalid else "failed" if data["failed_verify"]
+                              else "stale" if data["stale"] else "ok")
             rows.append(data)
     return rows
+
+
+def _as_shown(raw: dict[str, Any]) -> dict[str, Any]:
+    """A row that failed validation, printable: JSON fields parsed where they parse."""
+    data = dict(raw)
+    for name in ("key", "config", "provenance"):
+        try:
+            data[name] = json.loads(raw[name])
+        except (TypeError, ValueError, RecursionError):
+            pass
+    for name in ("created_at", "updated_at"):
+        if raw.get(name) is not None:
+            data[name] = str(raw[name])
+    return data
 
 
 def _kernel_option() -> Any:
@@ -102,13 +135,17 @@ def _kernel_option() -> Any:
 @click.option("--device", default=None, help="Only this device (id, or part of it).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of entries.")
 def show(cache: str | None, kernel: str | None, device: str | None, as_json: bool) -> None:
-    """List cache entries (stale ones, whose kernel code changed since tuning, are flagged)."""
+    """List cache entries, each checked: stale ones (kernel code changed since tuning), failed
+    ones (marked by verify) and invalid ones (refused by the current declarations) are flagged."""
+    from ..cache.store import StoreError
+
     store = open_for_reading(cache)
-    if store is None:
-        rows: list[dict[str, Any]] = []
-    else:
+    rows: list[dict[str, Any]] = []
+    if store is not None:
         try:
             rows = entry_rows(store, kernel, device)
+        except StoreError as exc:  # e.g. a damaged file: one line naming it
+            raise CliError(str(exc)) from None
         finally:
             store.close()
     if as_json:
@@ -119,13 +156,14 @@ def show(cache: str | None, kernel: str | None, device: str | None, as_json: boo
         return
     table = [[
         r["kernel"], r["backend"], r["device"], _short(r["key"], ("backend",)), _short(r["config"]),
-        _fmt(r["time_ms"], ".4f"), _fmt(r["error"], ".1e"),
-        "failed" if r["failed_verify"] else "stale" if r["stale"] else "ok",
+        _fmt(r["time_ms"], ".4f"), _fmt(r["error"], ".1e"), r["status"],
     ] for r in rows]
     click.echo(format_table(
         ["KERNEL", "BACKEND", "DEVICE", "KEY", "CONFIG", "TIME_MS", "ERROR", "STATUS"], table))
-    stale = sum(r["stale"] for r in rows)
-    click.echo(f"{len(rows)} entries" + (f", {stale} stale (ignored at call time)" if stale else ""))
+    stale = sum(r["stale"] and not r["invalid"] for r in rows)
+    invalid = sum(bool(r["invalid"]) for r in rows)
+    ignored = [f"{stale} stale"] * bool(stale) + [f"{invalid} invalid"] * bool(invalid)
+    click.echo(f"{len(rows)} entries" + (f", {', '.join(ignored)} (ignored at call time)" if ignored else ""))
 
 
 @click.command("export")
@@ -135,8 +173,8 @@ def show(cache: str | None, kernel: str | None, device: str | None, as_json: boo
 @click.option("--device", default=None, help="Only this device (id, or part of it).")
 def export(file: str, cache: str | None, kernel: str | None, device: str | None) -> None:
     """Write cache entries to FILE (.json, .jsonl, .sqlite or .db)."""
-    from ..cache.files import write_entries
     from ..cache.store import StoreError
+    from ..cache.transfer import write_entries
 
     if not file.lower().endswith((".json", ".jsonl", ".sqlite", ".sqlite3", ".db")):
         raise click.BadParameter("FILE must end in .json, .jsonl, .sqlite or .db", param_hint="FILE")
@@ -146,6 +184,8 @@ def export(file: str, cache: str | None, kernel: str | None, device: str | None)
         try:
             for device_id in (_match_devices(store, device) if device else [None]):
                 entries.extend(store.entries(kernel, device_id))
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
         finally:
             store.close()
     from pathlib import Path

@@ -13,10 +13,10 @@ __all__ = ["register", "collect"]
 
 
 def _cache_summary(location: str, *, shipped: bool) -> dict[str, Any]:
-    from ..cache.locations import is_url
+    from ..cache.locations import display_location, hide_password, is_url
     from ..cache.store import open_store
 
-    info: dict[str, Any] = {"location": location}
+    info: dict[str, Any] = {"location": display_location(location)}  # never a password
     if not is_url(location):
         info["exists"] = os.path.exists(os.path.expanduser(location))
         if not info["exists"]:
@@ -25,14 +25,14 @@ def _cache_summary(location: str, *, shipped: bool) -> dict[str, Any]:
     try:
         store = open_store(location, readonly=True, immutable=shipped)
     except Exception as exc:  # noqa: BLE001 - info reports problems, it does not fail on them
-        info["error"] = str(exc)
+        info["error"] = hide_password(str(exc), location)
         return info
     try:
         info["entries"] = store.count()
         info["by_kernel"] = {k: store.count(k) for k in ("adasplash", "entmax")}
         info["devices"] = [d["device_id"] for d in store.devices()]
     except Exception as exc:  # noqa: BLE001
-        info["error"] = str(exc)
+        info["error"] = hide_password(str(exc), location)
     finally:
         store.close()
     return info

@@ -243,7 +243,10 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
         raise CliError(str(exc)) from None
     finally:
         progress.close()
-    _report(results, as_json, store.location, options.storage or default_storage_url(cache))
+    from ..cache.locations import display_location
+
+    _report(results, as_json, display_location(store.location),
+            display_location(options.storage or default_storage_url(cache)))
     if not any(r.status == "tuned" for r in results):
         raise CliError("no valid config found for any problem (see the failures with --debug)")
 

@@ -147,3 +147,124 @@ def test_import_from_sqlite_revalidates_rows(store, make_entry, tmp_path):
     report = store.import_file(src)
     assert (report.added, report.rejected) == (1, 1)
     assert "q_chunk" in report.reasons[0]
+
+
+# --------------------------------------------------------------------------- untrusted SQLite files
+
+
+def _crafted_view_file(path, rows: int) -> None:
+    """A small file of the cache's layout whose "tuned_entries" is a view generating ``rows``
+    rows (the probe that drove an importer past 10 GB)."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.executescript(f"""
+        CREATE TABLE schema_version (app TEXT PRIMARY KEY, version INTEGER, updated_at TEXT);
+        INSERT INTO schema_version VALUES ('adasplash-tune', 2, '2026-12-01 00:00:00');
+        CREATE TABLE devices (id INTEGER PRIMARY KEY, device_id TEXT);
+        CREATE TABLE kernels (id INTEGER PRIMARY KEY, name TEXT, backend TEXT, source_hash TEXT);
+        CREATE VIEW tuned_entries AS
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT {rows})
+            SELECT i AS id, 1 AS device_pk, 1 AS kernel_pk, '{{}}' AS key_json FROM n;
+    """)
+    con.close()
+
+
+@pytest.mark.parametrize("command", ["import", "open", "open read-only"])
+def test_a_view_posing_as_the_entries_table_is_refused_before_reading(store, tmp_path, command):
+    path = tmp_path / "crafted.sqlite"
+    _crafted_view_file(path, rows=3_000_000)
+    before = path.read_bytes()
+    assert len(before) < 70_000
+    with pytest.raises(StoreError) as info:
+        if command == "import":
+            store.import_file(path)
+        else:
+            open_store(path, readonly=command == "open read-only")
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "tuned_entries is a view, not a table" in message
+    assert "\n" not in message
+    assert path.read_bytes() == before and store.count() == 0
+
+
+def test_import_reads_at_most_max_file_rows_of_each_table(store, make_entry, tmp_path, monkeypatch):
+    from adasplash_tune.cache import files
+
+    src = tmp_path / "big.sqlite"
+    with open_store(src) as s:
+        for seq in (64, 128, 256, 512):
+            s.upsert_best(make_entry(key=attn_key(seq=seq)))
+    monkeypatch.setattr(files, "MAX_FILE_ROWS", 3)
+    with pytest.raises(StoreError, match=r"big.sqlite: more than 3 rows in tuned_entries"):
+        store.import_file(src)
+    json_file = tmp_path / "big.jsonl"
+    json_file.write_text("\n".join(json.dumps(make_entry(key=attn_key(seq=s)).to_dict())
+                                   for s in (64, 128, 256, 512)))
+    with pytest.raises(StoreError, match=r"big.jsonl: more than 3 entries"):
+        store.import_file(json_file)
+    assert store.count() == 0
+    monkeypatch.setattr(files, "MAX_FILE_ROWS", 4)
+    assert store.import_file(src).added == 4
+
+
+def test_a_damaged_sqlite_file_is_an_error_naming_it(store, make_entry, tmp_path):
+    src = _damaged_cache(tmp_path / "damaged.sqlite", make_entry)
+    with pytest.raises(StoreError) as info:
+        store.import_file(src)
+    assert str(info.value).startswith(f"{src}: ") and "malformed" in str(info.value)
+
+
+def _damaged_cache(path, make_entry):
+    """A cache whose pages after the first (the schema) are overwritten: opening works, reading
+    the entries finds a malformed database image."""
+    with open_store(path) as s:
+        s.upsert_many([make_entry(key=attn_key(seq=2 ** (4 + i % 12), bh=2 ** (i // 12)))
+                       for i in range(300)])
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = DELETE")
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    data = bytearray(path.read_bytes())
+    assert len(data) > 6 * page
+    data[2 * page:len(data) - page] = bytes([0xA5]) * (len(data) - 3 * page)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_zero_byte_file_is_an_empty_cache(store, make_entry, tmp_path):
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    report = store.import_file(empty)  # as a source: nothing to import
+    assert (report.added, report.rejected) == (0, 0)
+    with open_store(empty, readonly=True) as ro:  # read-only: an empty cache, left at 0 bytes
+        assert ro.count() == 0 and ro.entries() == []
+    assert empty.stat().st_size == 0
+    with open_store(empty) as rw:  # for writing: initialised, then used
+        assert rw.upsert_best(make_entry())
+    with open_store(empty, readonly=True) as ro:
+        assert ro.count() == 1
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".sqlite"])
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exports_follow_the_umask_also_over_an_existing_file(store, make_entry, tmp_path, suffix, umask):
+    import os
+    import stat
+
+    store.upsert_best(make_entry())
+    target = tmp_path / f"out{suffix}"
+    old = os.umask(umask)
+    try:
+        store.export(target)
+        fresh = stat.S_IMODE(target.stat().st_mode)
+        target.chmod(0o644)
+        store.export(target)  # overwrite
+        again = stat.S_IMODE(target.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert fresh == again == 0o666 & ~umask

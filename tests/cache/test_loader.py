@@ -13,7 +13,8 @@ import torch
 import adasplash_tune
 from adasplash_tune.api import clear_memo
 from adasplash_tune.cache import locations
-from adasplash_tune.cache.store import ConfigStore, Entry, open_store
+from adasplash_tune.cache.lookup import FileLookup
+from adasplash_tune.cache.store import Entry, open_store
 from adasplash_tune.device import fingerprint
 from adasplash_tune.kernels import reference
 from adasplash_tune.kernels.registry import get_spec
@@ -134,13 +135,13 @@ def test_entries_that_failed_verify_are_skipped():
 def test_memoised_per_key_the_database_is_not_touched_again(monkeypatch):
     _put(_user(), _entry(_key(100), CFG_A))
     calls = []
-    original = ConfigStore.get_exact
+    original = FileLookup.get_exact
 
     def counting(self, *args, **kwargs):
         calls.append(args)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ConfigStore, "get_exact", counting)
+    monkeypatch.setattr(FileLookup, "get_exact", counting)
     first = _select(100)
     assert len(calls) == 1
     # a different call signature (seq 120, same bucket) and repeated calls: no more queries

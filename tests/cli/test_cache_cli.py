@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -248,3 +249,168 @@ def test_info_json_and_text(tmp_path):
     assert text.exit_code == 0
     assert f"user cache: {cache}  (7 entries: adasplash 6, entmax 1)" in text.stdout
     assert f"  {shipped}  (4 entries" in text.stdout
+
+
+# --------------------------------------------------------------------------- passwords
+
+SECRET = "s3cretPW"
+SERVER = f"postgresql+psycopg://tuner:{SECRET}@127.0.0.1:1/cache"   # nothing listens on port 1
+MALFORMED = f"postgresql://tuner:{SECRET}@db-host:notaport/cache"
+
+
+@pytest.mark.parametrize("url", [SERVER, MALFORMED])
+@pytest.mark.parametrize("via", ["--cache", "env"])
+@pytest.mark.parametrize("command", [["info"], ["info", "--json"], ["show"], ["export", "x.json"],
+                                     ["import", "x.json"]])
+def test_no_command_prints_a_password(tmp_path, monkeypatch, url, via, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.json").write_text("[]")
+    args = list(command)
+    if via == "env":
+        monkeypatch.setenv(locations.ENV_CACHE, url)
+    else:
+        args += ["--cache", url]
+    result = run(*args)
+    assert SECRET not in result.output
+    assert "tuner:***@" in result.output
+    if command[0] == "info":
+        assert result.exit_code == 0
+    else:
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_locations_print_without_their_password():
+    from adasplash_tune.cache.locations import display_location
+
+    for url in (SERVER, MALFORMED, f"postgresql://tuner:p@{SECRET}@host/db", f"weird url://u:{SECRET}@h/db"):
+        shown = display_location(url)
+        assert SECRET not in shown and "***" in shown, shown
+    assert display_location("/tmp/a:b@c.sqlite") == "/tmp/a:b@c.sqlite"
+    assert display_location("sqlite:////tmp/a@b.sqlite") == "sqlite:////tmp/a@b.sqlite"
+
+
+@pytest.mark.postgres
+def test_tune_summary_and_info_hide_the_server_password(tmp_path):
+    from sqlalchemy.engine import make_url
+
+    from .._postgres import fresh_schema
+
+    with fresh_schema() as cache_url, fresh_schema() as storage_url:
+        cache_url, storage_url = (make_url(u).set(password=SECRET).render_as_string(hide_password=False)
+                                  for u in (cache_url, storage_url))  # trust auth ignores it
+        result = run("tune", "--kernel", "entmax", "--backend", "torch", "--rows", "8", "--cols", "64",
+                     "--trials", "2", "--cache", cache_url, "--storage", storage_url)
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.output.splitlines() if " written to " in line or "trials are kept in" in line]
+        assert len(lines) == 2 and all(":***@" in line for line in lines)
+        info = run("info", "--json", "--cache", cache_url)
+        assert info.exit_code == 0 and "error" not in json.loads(info.stdout)["user_cache"]
+        assert SECRET not in result.output + info.output
+
+
+# --------------------------------------------------------------------------- damaged, empty, edited
+
+
+def _damaged(path) -> None:
+    """A cache whose pages after the schema's are overwritten: it opens, then reading fails."""
+    with open_store(path) as store:
+        store.upsert_many(_many_entries(300))
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = DELETE")
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    data = bytearray(path.read_bytes())
+    data[2 * page:len(data) - page] = bytes([0xA5]) * (len(data) - 3 * page)
+    path.write_bytes(bytes(data))
+
+
+def _many_entries(count: int) -> list[Entry]:
+    h = get_spec("adasplash", "torch").source_hash()
+    out = []
+    shapes = itertools.product((64, 128), ("float16", "bfloat16", "float32"), (False, True),
+                               [2 ** i for i in range(16)], [2 ** i for i in range(4, 20)])
+    for dim, dtype, causal, heads, seq in itertools.islice(shapes, count):
+        key = attention_key(backend="torch", dtype=dtype, batch=1, q_heads=heads, kv_heads=heads,
+                            seq_len=seq, head_dim=dim, alpha=1.5, causal=causal, varlen=False)
+        out.append(Entry("adasplash", "torch", dict(H200), h, key, {"q_chunk": 64, "k_chunk": 256, "niter": 8},
+                         time_ms=1.0, trials=3, strategy="tpe"))
+    return out
+
+
+@pytest.mark.parametrize("command", ["show", "export", "import-from", "info"])
+def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, command):
+    damaged = tmp_path / "damaged.sqlite"
+    _damaged(damaged)
+    args = {"show": ["show", "--cache", str(damaged)],
+            "export": ["export", str(tmp_path / "o.json"), "--cache", str(damaged)],
+            "import-from": ["import", str(damaged), "--cache", str(tmp_path / "c.sqlite")],
+            "info": ["info", "--cache", str(damaged)]}[command]
+    result = run(*args)
+    if command == "info":
+        assert result.exit_code == 0 and f"{damaged}  (unreadable: {damaged}: " in result.stdout
+        assert "malformed" in result.stdout
+    else:
+        assert result.exit_code == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: ") and "malformed" in lines[0]
+
+
+def test_a_zero_byte_cache_is_an_empty_cache_for_every_command(tmp_path):
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    show = run("show", "--cache", str(empty))
+    assert show.exit_code == 0 and show.stdout.strip() == "no entries"
+    assert _show_json(empty) == []
+    info = json.loads(run("info", "--json", "--cache", str(empty)).stdout)["user_cache"]
+    assert info["entries"] == 0 and "error" not in info
+    export = run("export", str(tmp_path / "out.json"), "--cache", str(empty))
+    assert export.exit_code == 0 and "exported 0 entries" in export.stdout
+    source = run("import", str(empty), "--cache", str(tmp_path / "other.sqlite"))
+    assert source.exit_code == 0 and source.stdout.strip() == "added 0, replaced 0, kept 0, rejected 0"
+    assert empty.stat().st_size == 0  # reading never initialised it
+    other = tmp_path / "other-empty.sqlite"
+    other.touch()
+    verify = run("verify", "--cache", str(other))  # verify opens for writing: initialised, empty
+    assert verify.exit_code == 0 and "0 checked, 0 failed" in verify.stdout
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([e.to_dict() for e in _entries()]))
+    target = run("import", str(good), "--cache", str(empty))  # writing initialises it
+    assert target.exit_code == 0 and target.stdout.startswith(f"added {len(_entries())},")
+    assert len(_show_json(empty)) == len(_entries())
+
+
+def test_show_flags_rows_edited_into_invalid_configs_and_keys(tmp_path):
+    cache = tmp_path / "c.sqlite"
+    entries = _filled(cache)
+    con = sqlite3.connect(cache)
+    con.execute("UPDATE tuned_entries SET config_json = '{\"q_chunk\": 7, \"k_chunk\": 256, \"niter\": 8}' "
+                "WHERE id = 1")
+    con.execute("UPDATE tuned_entries SET key_json = '{\"seq\": 3}' WHERE id = 2")
+    con.commit()
+    con.close()
+    rows = _show_json(cache)
+    assert len(rows) == len(entries)
+    invalid = sorted(r["status"] for r in rows if r["invalid"])
+    assert len(invalid) == 2 and all(s.startswith("invalid: ") for s in invalid)
+    assert any("q_chunk" in s for s in invalid) and any("key fields" in s for s in invalid)
+    assert sum(r["status"] == "ok" for r in rows) == len(entries) - 2
+    table = run("show", "--cache", str(cache))
+    assert table.exit_code == 0 and table.stdout.count("invalid: ") == 2
+    assert f"{len(entries)} entries, 2 invalid (ignored at call time)" in table.stdout
+
+
+def test_import_of_2000_rows_with_bad_ones_stores_the_good_and_exits_1(tmp_path):
+    *good, other, another = [e.to_dict() for e in _many_entries(2002)]
+    bad = [dict(other, trials=2 ** 70), dict(another, device=dict(another["device"], sm_count="many"))]
+    file = tmp_path / "big.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in good[:700] + bad + good[700:]) + "\n")
+    cache = tmp_path / "c.sqlite"
+    result = run("import", str(file), "--cache", str(cache))
+    assert result.exit_code == 1
+    assert result.stdout.strip() == f"added {len(good)}, replaced 0, kept 0, rejected 2"
+    err = result.stderr.strip().splitlines()
+    assert err[0].startswith("rejected: big.jsonl line 701: trials ")
+    assert err[1].startswith("rejected: big.jsonl line 702: device.sm_count must be an integer")
+    assert err[-1] == f"error: 2 of {len(good) + 2} entries in {file} were rejected"
+    with open_store(cache, readonly=True) as store:
+        assert store.count() == len(good)
