@@ -31,15 +31,16 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
+from .outcome import Outcome, TraceRow
 from .space import SearchSpace
 from .strategies._base import Strategy, point_key
 
-__all__ = ["Outcome", "StageResult", "StageSearch", "TraceRow"]
+__all__ = ["StageResult", "StageSearch", "ATTR", "FAILURE_PENALTY"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -94,34 +95,6 @@ def _pid_alive(pid: Any) -> bool:
     except OSError:
         return False
     return True
-
-
-@dataclass
-class Outcome:
-    """What one evaluation gives the search.
-
-    ``ok``: it ran and passed the accuracy gate, so it may win. ``objective`` is the time to
-    minimise (ms; may be set for a gate failure too, for the Pareto front); ``error`` the
-    measured relative error; ``status`` the typed result; ``attrs`` extra facts to store.
-    """
-
-    ok: bool
-    objective: float | None
-    error: float | None = None
-    status: str = "ok"
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TraceRow:
-    """One counted trial as seen by the search (for progress and benchmark curves)."""
-
-    index: int
-    wall_s: float
-    objective: float | None
-    ok: bool
-    best: float | None
-    status: str
 
 
 @dataclass
