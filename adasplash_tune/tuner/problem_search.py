@@ -232,6 +232,7 @@ class ProblemSearch:
                 prepare=trials.prepare if trials.compile_workers > 0 else None,
                 batch=max(1, trials.compile_workers), start=best_values, on_trial=on_trial,
                 submit=trials.submit if trials.workers > 1 else None, workers=trials.workers,
+                storage=self.storage,
             )
             stage_result = search.run()
             counted_before += stage_result.counted
