@@ -65,6 +65,16 @@ def _other_tuner(url: str, storage=None) -> optuna.Study:
     return optuna.load_study(study_name=summary.study_name, storage=storage or url)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def studies_url(request, storage_url):
+    """A study storage on an SQLite file and, with the ``postgres`` marker, on a PostgreSQL server."""
+    if request.param == "postgres":
+        with fresh_schema() as url:
+            yield url
+        return
+    yield storage_url
+
+
 @pytest.fixture
 def quick_heartbeats(monkeypatch):
     """Heartbeats every second; a trial is lost after 2 s without one."""
@@ -131,29 +141,29 @@ def test_a_result_whose_trial_another_tuner_failed_is_kept_as_a_new_trial(store,
     assert len(again) == 1 and again[0].value == pytest.approx(_table(again[0].user_attrs[ATTR]["config"])[0])
 
 
-def test_a_running_trial_beats_and_is_not_failed_while_its_tuner_lives(store, storage_url, quick_heartbeats):
+def test_a_running_trial_beats_and_is_not_failed_while_its_tuner_lives(store, studies_url, quick_heartbeats):
     looked: list[int] = []
 
     def hook(call: int) -> None:
         if call == 1:  # a slow trial (twice the grace period); another tuner looks for lost trials
-            other = _other_tuner(storage_url, open_storage(storage_url))
+            other = _other_tuner(studies_url, open_storage(studies_url))
             time.sleep(4)
             lost_trials.fail_stale(other)
             looked.extend(t.number for t in other.get_trials(states=(TrialState.RUNNING,)))
 
-    [result] = _job(store, storage_url, HookedTable(hook), trials=3).run()
+    [result] = _job(store, studies_url, HookedTable(hook), trials=3).run()
     assert len(looked) == 1 and result.trials == result.evaluated == 3
-    assert not [t for t in _all_trials(storage_url) if t.state == TrialState.FAIL]
+    assert not [t for t in _all_trials(studies_url) if t.state == TrialState.FAIL]
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # the other tuner's ask
-def test_a_trial_lost_with_another_host_is_failed_after_the_grace_period(store, storage_url, quick_heartbeats):
+def test_a_trial_lost_with_another_host_is_failed_after_the_grace_period(store, studies_url, quick_heartbeats):
     other: dict = {}
 
     def hook(call: int) -> None:
         if call == 0:  # a tuner on another host asks (q_chunk 16, niter 3), beats once, and its host dies
-            storage = open_storage(storage_url)
-            study = _other_tuner(storage_url, storage)
+            storage = open_storage(studies_url)
+            study = _other_tuner(studies_url, storage)
             [mine] = study.get_trials(states=(TrialState.RUNNING,))
             study.enqueue_trial({"q_chunk": 0, "niter": 2})  # choice indices: q_chunk 16, niter 3
             trial = study.ask(mine.distributions)
@@ -162,8 +172,8 @@ def test_a_trial_lost_with_another_host_is_failed_after_the_grace_period(store, 
             other["number"] = trial.number
 
     evaluator = HookedTable(hook)
-    [result] = _job(store, storage_url, evaluator).run()
-    [failed] = [t for t in _all_trials(storage_url) if t.state == TrialState.FAIL]
+    [result] = _job(store, studies_url, evaluator).run()
+    [failed] = [t for t in _all_trials(studies_url) if t.state == TrialState.FAIL]
     assert failed.number == other["number"] and ATTR not in failed.user_attrs  # lost, not counted
     # the stage waited for it and, once it was failed, took its place in the budget: 6 trials here
     configs = [tuple(sorted(c.items())) for c in evaluator.calls]
