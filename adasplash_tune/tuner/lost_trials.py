@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import threading
+import time
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -139,13 +140,15 @@ def owner_record(run: str) -> dict[str, Any]:
 
 def left_behind(trial: Any, run: str) -> bool:
     """Is this RUNNING trial (not run ``run``'s) lost with a tuner of this host, or unowned for
-    long? Trials of other hosts are left to the heartbeats."""
+    long? Trials of other hosts are left to the heartbeats (but for a lease that an older
+    version wrote and that has passed)."""
     owner = trial.user_attrs.get(OWNER)
     if not isinstance(owner, dict):
         start = trial.datetime_start
         return start is None or (datetime.now() - start).total_seconds() > UNOWNED_GRACE_S
     if owner.get("host") != host_id():
-        return False
+        expires = owner.get("expires")  # a lease of a version before heartbeats, which never beats
+        return isinstance(expires, (int, float)) and time.time() > expires
     if owner.get("pid") == os.getpid():
         return owner.get("run") != run  # an earlier search in this process
     return not _pid_alive(owner.get("pid"))

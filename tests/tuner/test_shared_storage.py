@@ -197,6 +197,9 @@ def test_who_counts_as_lost_on_this_host():
     assert lost(trial({"host": here, "pid": os.getpid(), "run": "an-earlier-search"}))
     assert not lost(trial({"host": here, "pid": os.getpid(), "run": "this-run"}))
     assert not lost(trial({"host": there, "pid": gone.pid, "run": "x"}))  # other hosts: heartbeats decide
+    # ... but for the leases of older versions (which never beat), once passed
+    assert lost(trial({"host": there, "pid": gone.pid, "run": "x", "expires": time.time() - 1}))
+    assert not lost(trial({"host": there, "pid": gone.pid, "run": "x", "expires": time.time() + 60}))
     assert not lost(trial())  # no owner yet: asked a moment ago
     assert lost(trial(started=now - timedelta(hours=1)))
 
