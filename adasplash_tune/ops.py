@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .kernels.problem import alpha_class
+from .kernels.registry import config_from_json
 from .kernels.spec import Config, ConfigError
 
 __all__ = [
@@ -58,7 +59,7 @@ def config_json(config: Config) -> str:
 @functools.lru_cache(maxsize=1024)
 def _parse(text: str) -> Config:
     """The validated Config of a JSON text (ConfigError naming the bad field otherwise)."""
-    return Config.from_json(text)
+    return config_from_json(text)
 
 
 def _parse_or_none(text: str) -> Optional[Config]:

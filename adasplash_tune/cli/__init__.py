@@ -43,7 +43,11 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
+#: ``-h`` is ``--help`` on the group and, inherited through the context, on every command.
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=_Group, context_settings=_CONTEXT)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-v", "--verbose", is_flag=True, help="Show info logs.")
 @click.version_option(package_name="adasplash-tune")

@@ -27,7 +27,8 @@ def _fmt(value: Any) -> str:
 @click.option("--cache", default=None, help="Cache path or SQLAlchemy URL (overrides ADASPLASH_TUNE_CACHE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON rows to this file.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot (time vs N per method).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot (time vs N per method; needs "
+              'matplotlib: pip install "adasplash-tune[plot]").')
 @click.option("--from-json", "from_json", type=click.Path(exists=True, dir_okay=False),
               help="Do not run: load rows written by --out (e.g. on a GPU machine) and print / plot them.")
 def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
@@ -36,6 +37,8 @@ def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, 
     """Time tuned (selected) vs default configs, upstream adasplash and dense PyTorch attention."""
     import os
 
+    if plot and not _has_matplotlib():  # before the benchmark runs, not after
+        raise CliError(f"--plot needs matplotlib: {PLOT_INSTALL}")
     if from_json:
         data = json.loads(open(from_json, encoding="utf-8").read())
         rows_out = data["rows"] if isinstance(data, dict) else data
@@ -66,19 +69,38 @@ def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, 
     if out:
         with open(out, "w", encoding="utf-8") as fh:
             json.dump({"rows": rows_out, "speedup_selected_vs_default": _speedups(rows_out)}, fh, indent=2, default=str)
-    if plot:
-        from ..benchmark import plot_rows
-
-        try:
-            plot_rows(rows_out, plot)
-        except ImportError:
-            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
     if as_json:
         click.echo(json.dumps(rows_out, indent=2, default=str))
-        return
-    _print_table(rows_out)
-    for passes, value in _speedups(rows_out).items():
-        click.echo(f"selected vs default, geometric mean ({passes}): {value:.2f}x")
+    else:
+        _print_table(rows_out)
+        for passes, value in _speedups(rows_out).items():
+            click.echo(f"selected vs default, geometric mean ({passes}): {value:.2f}x")
+    if plot:  # after the results are printed: a plot that fails loses nothing
+        _plot(rows_out, plot)
+
+
+#: How to get matplotlib for ``--plot``.
+PLOT_INSTALL = 'pip install "adasplash-tune[plot]"'
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken install or a module entry without a spec
+        return False
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    from ..benchmark import plot_rows
+
+    try:
+        plot_rows(rows, path)
+    except ImportError as exc:
+        raise CliError(f"--plot: cannot import matplotlib ({exc}); {PLOT_INSTALL}") from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--plot {path}: {exc}") from None
 
 
 def _speedups(rows: list[dict[str, Any]]) -> dict[str, float]:

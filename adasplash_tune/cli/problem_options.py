@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import click
 
 from . import CliError
 
-__all__ = ["problem_options", "build_problems", "resolve_backend"]
+__all__ = ["problem_options", "build_problems", "resolve_backend", "check_problem_options"]
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -75,10 +76,51 @@ def build_problems(kernel: str, has_gpu: bool, defaults: dict[str, Any], opts: d
         raise click.BadParameter(str(exc)) from None
 
 
+#: Option name -> the kernel it describes (the other options apply to both kernels).
+_KERNEL_OF_OPTION = {
+    "seq_len": "adasplash", "head_dim": "adasplash", "batch": "adasplash", "heads": "adasplash",
+    "kv_heads": "adasplash", "causal_mode": "adasplash", "varlen": "adasplash",
+    "rows": "entmax", "cols": "entmax",
+}
+_SHAPE_OPTIONS = ("seq_len", "head_dim", "batch", "heads", "kv_heads", "alpha", "causal_mode", "varlen", "dtype",
+                  "rows", "cols")
+
+
+def _flag(name: str, values: dict[str, Any]) -> str:
+    """The command-line spelling of option ``name`` as given (``causal_mode``: the flag used)."""
+    return "--" + (values[name] if name == "causal_mode" else name.replace("_", "-"))
+
+
+def _causal_mode(causal: bool, non_causal: bool, both: bool) -> str | None:
+    """The one of --causal, --non-causal, --both given (None: none); two of them: a usage error."""
+    given = [mode for mode, on in (("causal", causal), ("non-causal", non_causal), ("both", both)) if on]
+    if len(given) > 1:
+        raise click.UsageError(f"--{given[0]} and --{given[1]} contradict each other; give one of "
+                               "--causal, --non-causal, --both")
+    return given[0] if given else None
+
+
+def check_problem_options(kernel: str, values: dict[str, Any], *, source: str | None = None) -> None:
+    """Usage errors for shape options that would be ignored: another kernel's options, or any
+    shape option beside ``source`` (the option naming a file that gives the problems)."""
+    given = [name for name in _SHAPE_OPTIONS if values.get(name) not in (None, False)]
+    if source and given:
+        raise click.UsageError(f"{_flag(given[0], values)} cannot be combined with {source}: the file gives "
+                               "the problems")
+    foreign = [name for name in given if _KERNEL_OF_OPTION.get(name, kernel) != kernel]
+    if foreign:
+        own = [f"--{n.replace('_', '-')}" for n, k in _KERNEL_OF_OPTION.items() if k == kernel and n != "causal_mode"]
+        if kernel == "adasplash":
+            own.append("--causal/--non-causal/--both")
+        raise click.UsageError(f"{', '.join(_flag(n, values) for n in foreign)} "
+                               f"do{'es' if len(foreign) == 1 else ''} not apply to --kernel {kernel} "
+                               f"(its shape options: {', '.join(own)}, --alpha, --dtype)")
 
 
 def problem_options(command: Callable) -> Callable:
-    """The options that describe which problems a command works on."""
+    """The options that describe which problems a command works on. The command receives
+    ``causal_mode`` ("causal", "non-causal", "both" or None) in place of the three flags, and
+    options of the other kernel are usage errors."""
     options = [
         click.option("--kernel", type=click.Choice(["adasplash", "entmax"]), default="adasplash", show_default=True),
         click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
@@ -89,15 +131,23 @@ def problem_options(command: Callable) -> Callable:
         click.option("--heads", type=click.IntRange(min=1), help="Query heads (adasplash)."),
         click.option("--kv-heads", type=click.IntRange(min=1), help="Key/value heads (default: --heads)."),
         click.option("--alpha", callback=_alpha_list, help="Alphas in (1, 2], comma list."),
-        click.option("--causal", "causal_mode", flag_value="causal", help="Causal attention only."),
-        click.option("--non-causal", "causal_mode", flag_value="non-causal", help="Non-causal only (default)."),
-        click.option("--both", "causal_mode", flag_value="both", help="Causal and non-causal."),
+        click.option("--causal", is_flag=True, help="Causal attention only."),
+        click.option("--non-causal", is_flag=True, help="Non-causal only (default)."),
+        click.option("--both", is_flag=True, help="Causal and non-causal."),
         click.option("--varlen", is_flag=True, help="The variable-length (padded) variant (adasplash)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      help="Input dtype (default: bfloat16 on a GPU, float32 on a CPU)."),
         click.option("--rows", callback=_int_list, help="Rows, comma list (entmax)."),
         click.option("--cols", callback=_int_list, help="Row lengths, comma list (entmax)."),
     ]
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        kwargs["causal_mode"] = _causal_mode(kwargs.pop("causal"), kwargs.pop("non_causal"), kwargs.pop("both"))
+        source = next((f"--{n.replace('_', '-')}" for n in ("from_record", "from_json") if kwargs.get(n)), None)
+        check_problem_options(kwargs["kernel"], kwargs, source=source)
+        return command(*args, **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        checked = option(checked)
+    return checked

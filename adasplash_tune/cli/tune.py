@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import click
@@ -75,6 +76,66 @@ def _space_list(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
                 choices.append(token)
         out[name] = tuple(choices)
     return out
+
+
+def _check_space_knobs(kernel: str, backend: str, device: str, space: dict[str, tuple[Any, ...]]) -> None:
+    """A usage error naming a ``--space`` knob the kernel does not have, with the known ones."""
+    if not space:
+        return
+    from ..device import fingerprint
+    from ..tuner.space import build_space, target_of
+
+    known = build_space(kernel, backend, target=target_of(backend, fingerprint(device).as_dict())).names
+    unknown = [name for name in space if name not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown knob {unknown[0]!r} for {kernel} ({backend}); known knobs: "
+                                 f"{', '.join(known)}", param_hint="'--space'")
+
+
+def _sqlite_file(location: str) -> Path | None:
+    """The file behind a cache or storage location (a path or ``sqlite:///`` URL); None for
+    in-memory databases and database servers."""
+    from ..cache.locations import is_url
+
+    if not is_url(location):
+        return Path(location).expanduser()
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(location)
+    except Exception:  # noqa: BLE001 - a bad URL is reported when it is opened
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    return Path(url.database).expanduser()
+
+
+def _check_writable(location: str, what: str) -> None:
+    """Fail before any tuning, naming the file, when the results could not be written there
+    (a read-only file, or a folder where its journal cannot be made). Database servers are not
+    checked here. ``os.access`` answers for the real user; the open probe catches what it misses
+    (e.g. a read-only mount)."""
+    import os
+
+    path = _sqlite_file(location)
+    if path is None:
+        return
+    path = path.absolute()
+    if path.is_file():
+        reason = None if os.access(path, os.W_OK) else "read-only"
+        if reason is None:
+            try:
+                with open(path, "r+b"):
+                    pass
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+        if reason is not None:
+            raise CliError(f"{path}: the {what} is not writable ({reason}); nothing was tuned")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"{path}: the {what} cannot be written in {folder} (read-only folder); nothing was tuned")
 
 
 # --------------------------------------------------------------------------- output
@@ -199,6 +260,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     import optuna
     import torch
 
+    from ..cache.locations import user_cache_location
     from ..cache.store import StoreError, open_store
     from ..tuner.job import TuneJob, TuneOptions
     from ..tuner.problems import dedupe, problems_from_record
@@ -223,6 +285,9 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
             "cols": cols,
         })
     problems = dedupe(problems, backend)
+    _check_space_knobs(kernel, backend, devices[0], space)
+    _check_writable(user_cache_location(cache), "cache")
+    _check_writable(storage or default_storage_url(cache), "study storage")
     if compile_workers is None:
         compile_workers = min(8, os.cpu_count() or 1) if (backend == "triton" and has_gpu) else 0
     options = TuneOptions(

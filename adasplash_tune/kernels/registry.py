@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from functools import lru_cache
 
-from .spec import KernelSpec
+from .spec import Config, KernelSpec
 
-__all__ = ["KERNELS", "BACKENDS", "get_spec", "all_specs"]
+__all__ = ["KERNELS", "BACKENDS", "get_spec", "all_specs", "config_from_json"]
 
 KERNELS: tuple[str, ...] = ("adasplash", "entmax")
 BACKENDS: tuple[str, ...] = ("triton", "torch")
@@ -31,3 +31,9 @@ def get_spec(kernel: str, backend: str) -> KernelSpec:
 
 def all_specs() -> list[KernelSpec]:
     return [get_spec(k, b) for k in KERNELS for b in BACKENDS]
+
+
+def config_from_json(text: str) -> Config:
+    """The validated :class:`Config` of a JSON text written by ``Config.to_json`` (ConfigError
+    naming the bad field, or ValueError for an unknown kernel or backend)."""
+    return Config.from_json(text, get_spec)

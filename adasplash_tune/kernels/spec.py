@@ -112,16 +112,15 @@ class Config:
         )
 
     @staticmethod
-    def from_json(text: str) -> "Config":
-        """Parse and validate a config written by :meth:`to_json`."""
-        from .registry import get_spec
-
+    def from_json(text: str, spec_of: Callable[[str, str], "KernelSpec"]) -> "Config":
+        """Parse a config written by :meth:`to_json` and validate it against
+        ``spec_of(kernel, backend)`` (``kernels.registry.config_from_json`` passes the registry's)."""
         try:
             data = json.loads(text)
             kernel, backend, values = data["kernel"], data["backend"], data["config"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"malformed config JSON: {exc}") from None
-        return get_spec(kernel, backend).validate(values)
+        return spec_of(kernel, backend).validate(values)
 
 
 @dataclass(frozen=True)

@@ -14,32 +14,30 @@ asks, so trials finished elsewhere count towards the budget and are not repeated
 another tuner is evaluating is left to it (of two trials asking the same point, or the budget's
 last one, the lower trial number keeps it); a stage ends only once the trials other tuners run
 in it have finished, so every tuner sees the same best point and goes on to the same next
-study. Every asked trial records its owner (host, process, run, lease): a RUNNING trial is
-abandoned, and marked failed, when its owner on this host is gone or when the lease of an owner
-on another host has passed. A result whose trial another tuner marked failed meanwhile is added
-as a new trial: no evaluated trial is lost.
+study. A RUNNING trial lost with its tuner is failed (``tuner.lost_trials``: Optuna's heartbeats,
+and at once for a dead process of this host). A result whose trial another tuner failed meanwhile
+is added as a new trial: no evaluated trial is lost. In Pareto mode the front is the study's
+``best_trials``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
-import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from .lost_trials import OWNER, Heartbeats, fail_stale, left_behind, owner_record
+from .outcome import Outcome, TraceRow
 from .space import SearchSpace
 from .strategies._base import Strategy, point_key
 
-__all__ = ["Outcome", "StageResult", "StageSearch", "TraceRow"]
+__all__ = ["StageResult", "StageSearch", "ATTR", "FAILURE_PENALTY"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -50,78 +48,14 @@ FAILURE_PENALTY = 1e12
 #: The one user attribute each trial stores: config, typed status and measurements.
 ATTR = "adasplash_tune"
 
-#: The user attribute naming the tuner that asked a trial (host, process, run, lease expiry).
-OWNER = "adasplash_tune_owner"
-
 #: Consecutive invalid or repeated samples after which a random untried point is enqueued.
 MAX_MISSES = 12
-
-#: Seconds a trial's owner record stays valid for tuners on other hosts; renewed every third of it
-#: while the trial runs, so a host that dies mid-trial frees its point within this time.
-LEASE_S = 120.0
 
 #: Seconds between looks at the study while the rest of the budget is in other tuners' hands.
 POLL_S = 0.5
 
 #: Looks (20 ms apart) at another tuner's trial until its sampled parameters are stored.
 SETTLE_TRIES = 250
-
-#: A RUNNING trial without an owner (asked by an older version, or a moment ago) is abandoned
-#: once it started this many seconds ago.
-UNOWNED_GRACE_S = 120.0
-
-
-@lru_cache(maxsize=1)
-def host_id() -> str:
-    """This machine as owners are compared: host name plus boot id (process ids restart at boot)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            boot = handle.read().strip()
-    except OSError:
-        boot = ""
-    return f"{platform.node()}|{boot}"
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
-@dataclass
-class Outcome:
-    """What one evaluation gives the search.
-
-    ``ok``: it ran and passed the accuracy gate, so it may win. ``objective`` is the time to
-    minimise (ms; may be set for a gate failure too, for the Pareto front); ``error`` the
-    measured relative error; ``status`` the typed result; ``attrs`` extra facts to store.
-    """
-
-    ok: bool
-    objective: float | None
-    error: float | None = None
-    status: str = "ok"
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TraceRow:
-    """One counted trial as seen by the search (for progress and benchmark curves)."""
-
-    index: int
-    wall_s: float
-    objective: float | None
-    ok: bool
-    best: float | None
-    status: str
 
 
 @dataclass
@@ -154,8 +88,8 @@ class StageSearch:
     with it up to ``workers`` trials are in flight and each is told as soon as it completes
     (with ``prepare`` too: batches of ``max(batch, workers)``, compiled, then timed).
     ``on_trial(values, outcome, row)`` is called after every counted trial (persisting to the
-    cache, progress), always in the calling thread. ``lease_s``: how long a trial's owner record
-    stays valid for tuners on other hosts (renewed while the trial runs; default ``LEASE_S``).
+    cache, progress), always in the calling thread. ``storage``: the study's storage; when it
+    has heartbeats on (``tuner.studies.open_storage``), this run's trials beat while they run.
     """
 
     def __init__(
@@ -173,7 +107,7 @@ class StageSearch:
         on_trial: Callable[[Mapping[str, Any], Outcome, TraceRow], None] | None = None,
         submit: SubmitFn | None = None,
         workers: int = 1,
-        lease_s: float | None = None,
+        storage: Any = None,
     ) -> None:
         self.study = study
         self.strategy = strategy
@@ -196,11 +130,10 @@ class StageSearch:
         self._queued = 0  # enqueued points not asked yet (asked first, before any new proposal)
         self.submit = submit
         self.workers = max(1, int(workers)) if submit is not None else 1
-        self.lease_s = float(LEASE_S if lease_s is None else lease_s)
+        self._heartbeats = Heartbeats(storage, study.study_name)
         self._run_id = uuid.uuid4().hex
         self._seen: set[int] = set()  # trial numbers already taken into account
         self._mine: dict[int, Any] = {}  # this run's trials not told yet, by number
-        self._mine_lock = threading.Lock()  # the lease keeper thread reads ``_mine`` too
         self._pending: dict[tuple, int] = {}  # this run's points in flight -> trial number
         self._others: dict[tuple, int] = {}  # points other tuners are evaluating -> lowest number
         self._running_elsewhere: set[int] = set()  # numbers of other tuners' trials in flight
@@ -220,12 +153,15 @@ class StageSearch:
 
     # ------------------------------------------------------------------ state from storage
 
-    def _sync(self, initial: bool = False) -> None:
+    def _sync(self, initial: bool = False, look_for_lost: bool = True) -> None:
         """Take in what the study holds that this run has not seen: counted trials (earlier
-        runs, other tuners), points other tuners are evaluating, and abandoned RUNNING trials,
-        which are marked failed (not counted). ``initial``: also count the WAITING trials."""
+        runs, other tuners), points other tuners are evaluating, and RUNNING trials lost with
+        their tuner, which are marked failed (not counted). ``initial``: also count the WAITING
+        trials. ``look_for_lost``: also fail trials whose heartbeat stopped."""
         from optuna.trial import TrialState
 
+        if look_for_lost:
+            fail_stale(self.study)
         others: dict[tuple, int] = {}
         running: set[int] = set()
         unsettled: set[int] = set()
@@ -238,8 +174,8 @@ class StageSearch:
                     self._queued += 1  # enqueued by an earlier run: the next ask returns it
                 continue
             if trial.state == TrialState.RUNNING:
-                if self._abandoned(trial):
-                    self._fail_abandoned(number)
+                if left_behind(trial, self._run_id):
+                    self._fail_lost(number)
                     self._seen.add(number)
                 else:
                     running.add(number)
@@ -263,12 +199,12 @@ class StageSearch:
     def _sync_before(self, number: int) -> None:
         """Sync until every other tuner's trial numbered below ``number`` shows its point (a
         sampled trial is stored first and its parameters a moment later)."""
-        self._sync()
+        self._sync(look_for_lost=False)
         for _ in range(SETTLE_TRIES):
             if not any(n < number for n in self._unsettled):
                 return
             time.sleep(0.02)
-            self._sync()
+            self._sync(look_for_lost=False)
 
     def _key_of(self, params: Mapping[str, Any]) -> tuple | None:
         try:
@@ -276,26 +212,7 @@ class StageSearch:
         except (KeyError, IndexError, ValueError, TypeError):  # params not all set yet (another tuner's ask)
             return None
 
-    def _owner(self) -> dict[str, Any]:
-        return {"host": host_id(), "pid": os.getpid(), "run": self._run_id,
-                "expires": time.time() + self.lease_s}
-
-    def _abandoned(self, trial: Any) -> bool:
-        """Is this RUNNING trial (not this run's) left behind by a tuner that is gone?"""
-        owner = trial.user_attrs.get(OWNER)
-        if not isinstance(owner, dict):
-            start = trial.datetime_start
-            return start is None or (datetime.now() - start).total_seconds() > UNOWNED_GRACE_S
-        if owner.get("host") == host_id():
-            if owner.get("pid") == os.getpid():
-                return owner.get("run") != self._run_id  # an earlier search in this process
-            return not _pid_alive(owner.get("pid"))
-        try:
-            return time.time() > float(owner.get("expires", 0.0))
-        except (TypeError, ValueError):
-            return True
-
-    def _fail_abandoned(self, number: int) -> None:
+    def _fail_lost(self, number: int) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
@@ -303,7 +220,8 @@ class StageSearch:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         except UpdateFinishedTrialError:  # its owner told it after all
             return
-        log.info("trial %d of %s was interrupted; it is not counted", number, self.study.study_name)
+        log.info("trial %d of %s was lost with its tuner on this host; it is not counted", number,
+                 self.study.study_name)
 
     def _record(self, values: Mapping[str, Any], outcome: Outcome, *, resumed: bool = False) -> TraceRow:
         key = point_key(values, self.free)
@@ -349,7 +267,7 @@ class StageSearch:
         except (UpdateFinishedTrialError, ValueError):
             if not self._finished_elsewhere(trial.number):
                 raise
-            # another tuner took this trial for abandoned (e.g. its lease passed): keep the result
+            # another tuner took this trial for lost (e.g. its heartbeats were late): keep the result
             log.warning("trial %d of %s was marked failed by another tuner while it ran; its result "
                         "is stored as a new trial", trial.number, self.study.study_name)
             self._add_trial(values, record, told, state)
@@ -357,21 +275,10 @@ class StageSearch:
             self._release(trial)
 
     def _release(self, trial: Any) -> None:
-        """``trial`` is told: no longer this run's to renew, and taken into account."""
-        with self._mine_lock:
-            self._mine.pop(trial.number, None)
+        """``trial`` is told: no longer this run's (nor beating), and taken into account."""
+        self._heartbeats.remove(trial.number)
+        self._mine.pop(trial.number, None)
         self._seen.add(trial.number)
-
-    def _keep_leases(self, stop: threading.Event) -> None:
-        """Renew the owner record of this run's trials in flight until ``stop`` (a thread)."""
-        while not stop.wait(self.lease_s / 3):
-            with self._mine_lock:
-                trials = list(self._mine.values())
-            for trial in trials:
-                try:
-                    trial.set_user_attr(OWNER, self._owner())
-                except Exception as exc:  # noqa: BLE001 - told meanwhile, or the database was busy
-                    log.debug("lease of trial %d not renewed (the next round retries): %s", trial.number, exc)
 
     def _finished_elsewhere(self, number: int) -> bool:
         return any(t.number == number and t.state.is_finished() for t in self.study.get_trials(deepcopy=False))
@@ -383,7 +290,7 @@ class StageSearch:
         if told is not None:
             kwargs["values" if isinstance(told, list) else "value"] = told
         self.study.add_trial(create_trial(state=state, params=self._encode(values), distributions=self._dists,
-                                          user_attrs={ATTR: dict(record), OWNER: self._owner()}, **kwargs))
+                                          user_attrs={ATTR: dict(record), OWNER: owner_record(self._run_id)}, **kwargs))
 
     def _tell_miss(self, trial: Any, values: Mapping[str, Any], reason: str) -> None:
         """Tell a point that is not evaluated: invalid, already tried (same result again), taken
@@ -446,11 +353,13 @@ class StageSearch:
                 self._queued += 1
             elif not self._queued and self.strategy.finished(tried):
                 return picked, True
-            trial = self.study.ask(self._dists)
+            with warnings.catch_warnings():  # this harness records the heartbeats Optuna's warning misses
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = self.study.ask(self._dists)
             self._queued = max(0, self._queued - 1)
-            with self._mine_lock:
-                self._mine[trial.number] = trial
-            trial.set_user_attr(OWNER, self._owner())
+            self._mine[trial.number] = trial
+            self._heartbeats.add(trial.number)  # first its heartbeat, then its owner: see lost_trials
+            trial.set_user_attr(OWNER, owner_record(self._run_id))
             values = self._decode(trial.params)
             key = point_key(values, self.free)
             if not self.space.is_valid(values):
@@ -492,15 +401,11 @@ class StageSearch:
             if self.space.is_valid(start):
                 self.study.enqueue_trial(self._encode(start))
                 self._queued += 1
-        stop = threading.Event()
-        keeper = threading.Thread(target=self._keep_leases, args=(stop,), daemon=True,
-                                  name="adasplash-tune-lease")
-        keeper.start()
+        self._heartbeats.start()
         try:
             dry = self._run_concurrent() if self.submit is not None else self._run_serial()
         finally:
-            stop.set()
-            keeper.join()
+            self._heartbeats.stop()
         return StageResult(
             best_values=dict(self._best[0]) if self._best else None,
             best=self._best[1] if self._best else None,
@@ -563,16 +468,13 @@ class StageSearch:
                 self._finish(trial, values, future.result())
 
     def _front(self) -> list[tuple[dict[str, Any], Outcome]]:
-        """Points not dominated in (time, error) (Pareto mode; empty otherwise)."""
+        """The points no other dominates in (time, error), fastest first: the study's
+        ``best_trials``, each point once (Pareto mode; empty otherwise)."""
         if not self.strategy.multi_objective:
             return []
-        points = [(v, o) for v, o in self._tried.values() if o.objective is not None and o.error is not None]
-        front = []
-        for v, o in points:
-            dominated = any(
-                p.objective <= o.objective and p.error <= o.error and (p.objective < o.objective or p.error < o.error)
-                for _, p in points
-            )
-            if not dominated:
-                front.append((v, o))
-        return sorted(front, key=lambda item: item[1].objective)
+        front: dict[tuple, tuple[dict[str, Any], Outcome]] = {}
+        for trial in self.study.best_trials:
+            key = self._key_of(trial.params)
+            if key in self._tried:
+                front[key] = self._tried[key]
+        return sorted(front.values(), key=lambda item: item[1].objective)

@@ -14,11 +14,13 @@ import json
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..cache.locations import is_url, user_cache_location
 from ..kernels.problem import key_to_json
+from .lost_trials import heartbeat_options
 
 __all__ = ["default_storage_url", "open_storage", "study_name", "STUDIES_FILE"]
 
@@ -47,7 +49,8 @@ def default_storage_url(cache: str | None = None) -> str:
 
 
 def open_storage(url: str):
-    """An Optuna RDB storage for ``url`` (its folder created for SQLite files).
+    """An Optuna RDB storage for ``url`` (its folder created for SQLite files), with heartbeats
+    on (``tuner.lost_trials``).
 
     Tuners started together on a fresh database race to create its tables; the loser's error
     (a duplicate row or table) is retried a few times, by which point the schema exists."""
@@ -59,7 +62,7 @@ def open_storage(url: str):
         parsed = make_url(url)
     except Exception as exc:  # sqlalchemy raises ArgumentError; report as a value problem
         raise ValueError(f"--storage {url!r} is not a database URL ({exc})") from None
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = heartbeat_options()
     sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     if parsed.get_backend_name() == "sqlite":
         if sqlite_file:
@@ -67,7 +70,9 @@ def open_storage(url: str):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         try:
-            storage = optuna.storages.RDBStorage(url, **kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, **kwargs)
             break
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             if attempt == OPEN_ATTEMPTS:

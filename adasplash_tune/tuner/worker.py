@@ -238,7 +238,8 @@ def _empty_cache(device: str) -> None:
 
 
 def worker_main(conn, device: str, threads: int | None = None, env: Mapping[str, str] | None = None) -> None:
-    """Loop of a worker process: receive a request dict, reply with a result dict; None ends it.
+    """Loop of a worker process: receive a request dict, reply with a result dict; None ends it,
+    and so does a parent that is gone (the worker returns quietly).
 
     ``env`` is the parent's environment when the worker was made (a worker forked from a fork
     server would otherwise see the server's older one).
@@ -252,7 +253,8 @@ def worker_main(conn, device: str, threads: int | None = None, env: Mapping[str,
         torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    conn.send({"ready": True, "pid": os.getpid()})
+    if not _reply(conn, {"ready": True, "pid": os.getpid()}):
+        return
     state: dict[str, Any] = {}
     while True:
         try:
@@ -262,7 +264,17 @@ def worker_main(conn, device: str, threads: int | None = None, env: Mapping[str,
         if req is None:
             return
         result = run_trial(req, state)
-        conn.send(result)
+        if not _reply(conn, result):
+            return
         if result.get("poisoned"):
             conn.close()
             os._exit(3)  # the CUDA context is unusable: let the parent start a fresh worker
+
+
+def _reply(conn, message: Mapping[str, Any]) -> bool:
+    """Send ``message`` to the parent; False (and nothing printed) when the parent is gone."""
+    try:
+        conn.send(dict(message))
+    except OSError:  # BrokenPipeError, ConnectionResetError: the parent was killed meanwhile
+        return False
+    return True

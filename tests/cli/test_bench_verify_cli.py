@@ -65,6 +65,43 @@ def test_bench_usage_error_exit_2():
     assert run("bench", "--seq-len", "abc").exit_code == 2
 
 
+def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, monkeypatch):
+    """Issue 16, defect 5: the whole benchmark used to run first, then fail with nothing printed."""
+    import sys
+
+    from adasplash_tune import benchmark
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    ran = []
+    monkeypatch.setattr(benchmark, "bench_problems", lambda *a, **k: ran.append(1) or [])
+    result = run("bench", "--backend", "torch", "--seq-len", "33", "--head-dim", "16", "--plot",
+                 str(tmp_path / "plot.png"))
+    assert result.exit_code == 1 and not ran
+    assert result.output == 'error: --plot needs matplotlib: pip install "adasplash-tune[plot]"\n'
+
+
+def test_bench_prints_the_results_when_only_the_plot_fails(tmp_path, monkeypatch):
+    """A matplotlib that is installed but breaks on import: the rows are printed, then the error."""
+    import sys
+
+    rows = [{"problem": {"kernel": "adasplash", "head_dim": 16, "causal": False, "seq_len": 33, "alpha": 1.5},
+             "label": "B1 H2 N33 D16", "method": method, "passes": "fwd", "time_ms": t, "spread_ms": 0.01,
+             "source": "default" if method == "selected" else "", "config": {}, "note": "", "host_ms": None}
+            for method, t in (("selected", 1.0), ("default", 1.5))]
+    saved = tmp_path / "rows.json"
+    saved.write_text(json.dumps({"rows": rows}))
+    broken = tmp_path / "site" / "matplotlib"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    result = run("bench", "--from-json", str(saved), "--plot", str(tmp_path / "plot.png"))
+    assert result.exit_code == 1
+    assert "selected ms" in result.stdout and "(fwd): 1.50x" in result.stdout  # the table and the speed-up
+    assert result.stderr.strip().splitlines() == [
+        'error: --plot: cannot import matplotlib (a broken install); pip install "adasplash-tune[plot]"']
+
+
 def test_verify_passes_a_good_entry(tmp_path):
     cache = tmp_path / "cache.sqlite"
     _store_entry(cache, niter=12)

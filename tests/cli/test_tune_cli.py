@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,6 +124,13 @@ def test_space_bounds_the_search(tmp_path):
     (["--strategy", "annealing"], "Invalid value for '--strategy'"),
     (["--trials", "0"], "--trials"),
     (["--heads", "3", "--kv-heads", "2"], "multiple of --kv-heads"),
+    # issue 16, defect 8: flags that used to be ignored or taken last, and an unknown knob
+    (["--kernel", "entmax", "--head-dim", "999"], "--head-dim does not apply to --kernel entmax"),
+    (["--kernel", "entmax", "--rows", "8", "--causal"], "--causal does not apply to --kernel entmax"),
+    (["--seq-len", "64", "--rows", "8", "--cols", "9"], "--rows, --cols do not apply to --kernel adasplash"),
+    (["--causal", "--non-causal"], "--causal and --non-causal contradict each other"),
+    (["--both", "--causal"], "--causal and --both contradict each other"),
+    (["--space", "unknown_knob=1"], "unknown knob 'unknown_knob' for adasplash (torch); known knobs: q_chunk"),
 ])
 def test_usage_errors_exit_2(args, message):
     if "--gpus" in args and torch.cuda.is_available():
@@ -130,6 +138,62 @@ def test_usage_errors_exit_2(args, message):
     result = run("tune", "--backend", "torch", *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_shape_flags_beside_from_record_are_a_usage_error(tmp_path):
+    record = tmp_path / "record.jsonl"
+    record.write_text("")
+    result = run("tune", "--backend", "torch", "--from-record", str(record), "--seq-len", "64")
+    assert result.exit_code == 2 and "--seq-len cannot be combined with --from-record" in result.output
+
+
+@pytest.mark.parametrize("command", [None, *sorted(main.commands)])
+def test_dash_h_is_help_on_every_command(command):
+    result = run(*([command] if command else []), "-h")
+    assert result.exit_code == 0 and result.output.startswith("Usage: ")
+    assert result.output == run(*([command] if command else []), "--help").output
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a file read-only for this process: chmod 0444, and for root (which writes through
+    permission bits) the immutable attribute where the file system allows it, else the answer
+    os.access gives any other user."""
+    import os
+    import subprocess
+
+    made: list = []
+
+    def make(path):
+        path.chmod(0o444)
+        if os.geteuid() != 0:
+            return
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0 \
+            if shutil.which("chattr") else False
+        if done:
+            made.append(path)
+            return
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(path) and mode & os.W_OK
+                            else real(p, mode, *a, **k))
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_cache_fails_before_tuning_naming_the_file(tmp_path, read_only, monkeypatch):
+    """Issue 16, defect 8: a 0444 cache used to fail only when the tuned entries were written."""
+    from adasplash_tune.tuner import job
+
+    cache = tmp_path / "ro.sqlite"
+    open_store(str(cache)).close()
+    read_only(cache)
+    monkeypatch.setattr(job.TuneJob, "run", lambda self: pytest.fail("tuning started"))
+    result = run("tune", "--backend", "torch", "--seq-len", "40", "--trials", "1", "--cache", str(cache),
+                 *_storage(tmp_path))
+    assert result.exit_code == 1
+    assert result.output == f"error: {cache}: the cache is not writable (read-only); nothing was tuned\n"
 
 
 def test_failures_exit_1_with_one_line(tmp_path, monkeypatch):

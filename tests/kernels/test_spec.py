@@ -7,8 +7,8 @@ import json
 import pytest
 
 from adasplash_tune.kernels.problem import alpha_class, attention_key, entmax_key, integer_b, key_to_json, pow2_bucket
-from adasplash_tune.kernels.registry import BACKENDS, KERNELS, all_specs, get_spec
-from adasplash_tune.kernels.spec import Config, ConfigError, Constraint, KernelSpec, Param
+from adasplash_tune.kernels.registry import BACKENDS, KERNELS, all_specs, config_from_json, get_spec
+from adasplash_tune.kernels.spec import ConfigError, Constraint, KernelSpec, Param
 
 SPECS = all_specs()
 
@@ -27,8 +27,8 @@ def test_json_round_trip(spec: KernelSpec) -> None:
     cfg = next(spec.grid()) if not spec.is_valid(values) else spec.validate(values)
     text = cfg.to_json()
     assert json.loads(text)["kernel"] == spec.kernel
-    assert Config.from_json(text) == cfg
-    assert hash(Config.from_json(text)) == hash(cfg)
+    assert config_from_json(text) == cfg
+    assert hash(config_from_json(text)) == hash(cfg)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kernel}-{s.backend}")
@@ -77,11 +77,25 @@ def test_config_of_other_kernel_is_rejected() -> None:
         get_spec("adasplash", "torch").validate(cfg)
 
 
+def test_spec_module_is_plain_types() -> None:
+    """kernels.spec imports nothing of the package (the registry imports it, never the reverse)."""
+    import ast
+    import inspect
+
+    from adasplash_tune.kernels import spec as spec_module
+
+    tree = ast.parse(inspect.getsource(spec_module))
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+                 if alias.name.startswith("adasplash_tune")}
+    assert imported == set()
+
+
 def test_malformed_json() -> None:
     with pytest.raises(ConfigError, match="malformed"):
-        Config.from_json("{not json")
+        config_from_json("{not json")
     with pytest.raises(ConfigError, match="malformed"):
-        Config.from_json('{"kernel": "entmax"}')
+        config_from_json('{"kernel": "entmax"}')
 
 
 def test_registry_errors() -> None:

@@ -136,3 +136,30 @@ def test_the_cuda_spin_covers_twice_the_dispatch_time_within_bounds():
     assert timing._spin_cycles(1e6) == timing._SPIN_CYCLES_MAX
     cpu = timing.measure(lambda: sum(range(200)), "cpu", QUICK)
     assert cpu.host_ms is None and cpu.median_ms > 0 and cpu.reps >= QUICK.min_reps
+
+
+_KILLED_PARENT = """
+import os, signal, threading
+from adasplash_tune.tuner.evaluate import Evaluator, TrialRequest
+from adasplash_tune.tuner.problems import EntmaxProblem
+from adasplash_tune.tuner.timing import TimingOptions
+
+problem = EntmaxProblem(rows=8, cols=64, alpha=1.5)
+ev = Evaluator("cpu", trial_timeout=120)
+quick = TimingOptions(warmup_ms=1.0, rep_ms=1.0, min_reps=1, max_reps=2)
+assert ev.evaluate(TrialRequest(problem, "torch", {}, timing=quick)).ok  # the worker is up
+print("ready", flush=True)
+threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()  # kill -9 mid-trial
+ev.evaluate(TrialRequest(problem, "torch", {}, timing=TimingOptions(warmup_ms=1.0, rep_ms=4000.0, max_reps=10**7)))
+"""
+
+
+def test_a_worker_whose_parent_was_killed_exits_quietly():
+    """Issue 16: the worker finishes its trial, finds its parent gone when it replies, and exits
+    without a BrokenPipeError traceback (stderr is read until the worker has closed it too)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PARENT], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -9 and proc.stdout == "ready\n", proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr

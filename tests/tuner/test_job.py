@@ -190,3 +190,68 @@ def test_the_final_duel_keeps_a_real_winner_and_stores_its_median(store, storage
     again = TableEvaluator(log2_bowl(CENTRE))
     [r2] = _triton_job(store, storage_url, again, trials=30, confirm=2)[0].run()
     assert again.calls == [] and r2.config == result.config and r2.time_ms == result.time_ms and r2.confirmed
+
+
+def _cached(store):
+    spec = get_spec("adasplash", "triton")
+    return store.get_exact(FAKE_GPU["device_id"], "adasplash", "triton", spec.source_hash(), PROBLEM.key("triton"))
+
+
+def test_rerunning_a_finished_job_keeps_the_confirmed_entry(store, storage_url):
+    """Issue 16, defect 1: the second run resumes the search (whose best is a lucky 0.5 ms reading)
+    and finds the duel's saved verdict (the default, 1.0 ms median of 3 runs); the cache must still
+    hold that verdict, which is what both summaries report."""
+    default = get_spec("adasplash", "triton").default().as_dict()
+
+    def lucky(config):
+        return config["fwd_warps"] != default["fwd_warps"]
+
+    [first] = _triton_job(store, storage_url, LuckyFirstReading(lambda c: (1.0, 1e-3), lucky), trials=12,
+                          confirm=3)[0].run()
+    again = LuckyFirstReading(lambda c: (1.0, 1e-3), lucky)
+    [second] = _triton_job(store, storage_url, again, trials=12, confirm=3)[0].run()
+    assert again.calls == []  # nothing searched or duelled again
+    for result in (first, second):
+        assert result.confirmed and result.config == default
+    entry = _cached(store)
+    assert entry.config == second.config and entry.time_ms == second.time_ms == pytest.approx(1.0)
+    assert entry.provenance["confirmed_runs"] == 3
+    assert first.stored and not second.stored  # the second run wrote nothing: the summary says 0 entries
+
+
+def test_a_search_reading_never_replaces_a_confirmed_entry_but_a_new_duel_does(store, storage_url):
+    """A larger budget finds a faster point: its raw reading is not comparable with the stored median
+    and is not stored over it; the new duel's verdict is."""
+    evaluator = TableEvaluator(log2_bowl(CENTRE))
+    [first] = _triton_job(store, storage_url, evaluator, trials=12, confirm=2)[0].run()
+    confirmed = _cached(store)
+    assert confirmed.provenance["confirmed_runs"] == 2 and confirmed.config == first.config
+
+    seen = []
+
+    class Watching(TableEvaluator):
+        def evaluate(self, request):
+            seen.append(_cached(store))  # what the cache holds while this run searches
+            return super().evaluate(request)
+
+    [bigger] = _triton_job(store, storage_url, Watching(log2_bowl(CENTRE)), trials=30, confirm=2)[0].run()
+    searched = seen[:-4]  # the last 4 evaluations are the duel's 2 rounds of (winner, default)
+    assert searched and all(e.provenance.get("confirmed_runs") == 2 for e in searched)
+    entry = _cached(store)
+    assert bigger.time_ms < first.time_ms and bigger.stored
+    assert entry.config == bigger.config and entry.time_ms == bigger.time_ms
+    assert entry.provenance["confirmed_runs"] == 2
+
+
+def test_a_saved_verdict_is_stored_again_when_the_cache_lost_it(store, storage_url, tmp_path):
+    """The studies remember the duel; a fresh cache (or one whose entry was replaced) gets the verdict."""
+    from adasplash_tune.cache.store import open_store
+
+    [first] = _triton_job(store, storage_url, TableEvaluator(log2_bowl(CENTRE)), trials=12, confirm=2)[0].run()
+    with open_store(str(tmp_path / "fresh.sqlite")) as fresh:
+        again = TableEvaluator(log2_bowl(CENTRE))
+        [second] = _triton_job(fresh, storage_url, again, trials=12, confirm=2)[0].run()
+        entry = _cached(fresh)
+    assert again.calls == [] and second.stored
+    assert entry.config == first.config and entry.time_ms == first.time_ms == second.time_ms
+    assert entry.provenance["confirmed_runs"] == 2

@@ -1,6 +1,6 @@
 """Several tuners sharing one study storage and one cache (``tune --storage URL --cache URL`` on
-several hosts): trials finished elsewhere count, points in flight elsewhere are not repeated, an
-abandoned trial is failed, and no evaluated trial is ever lost. The two-process test runs on an
+several hosts): trials finished elsewhere count, points in flight elsewhere are not repeated, a
+trial lost with its tuner is failed (heartbeats), and no evaluated trial is ever lost. The two-process test runs on an
 SQLite file always and, with the ``postgres`` marker, on a PostgreSQL server."""
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from optuna.trial import TrialState
 from adasplash_tune.cache.store import open_store
 from adasplash_tune.tuner.job import TuneJob, TuneOptions
 from adasplash_tune.tuner.problems import AttentionProblem
-from adasplash_tune.tuner.search import ATTR, OWNER, StageSearch, host_id
+from adasplash_tune.tuner import lost_trials
+from adasplash_tune.tuner.lost_trials import OWNER, Heartbeats, host_id, left_behind
+from adasplash_tune.tuner.search import ATTR
+from adasplash_tune.tuner.studies import open_storage
 
 from .._postgres import fresh_schema
 from .conftest import FAKE_GPU, TableEvaluator
@@ -56,9 +59,27 @@ def _all_trials(url: str) -> list:
         storage.engine.dispose()
 
 
-def _other_tuner(url: str) -> optuna.Study:
+def _other_tuner(url: str, storage=None) -> optuna.Study:
+    """The one study of ``url`` as another tuner opens it (``storage``: with heartbeats)."""
     [summary] = optuna.get_all_study_summaries(url)
-    return optuna.load_study(study_name=summary.study_name, storage=url)
+    return optuna.load_study(study_name=summary.study_name, storage=storage or url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def studies_url(request, storage_url):
+    """A study storage on an SQLite file and, with the ``postgres`` marker, on a PostgreSQL server."""
+    if request.param == "postgres":
+        with fresh_schema() as url:
+            yield url
+        return
+    yield storage_url
+
+
+@pytest.fixture
+def quick_heartbeats(monkeypatch):
+    """Heartbeats every second; a trial is lost after 2 s without one."""
+    monkeypatch.setattr(lost_trials, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(lost_trials, "GRACE_S", 2)
 
 
 def _job(store, url, evaluator, trials=6):
@@ -79,8 +100,7 @@ def test_a_point_another_live_tuner_is_running_is_left_to_it_and_counted(store, 
             study.enqueue_trial({"q_chunk": 0, "niter": 2})  # choice indices: q_chunk 16, niter 3
             trial = study.ask(mine.distributions)
             assert trial.params == {"q_chunk": 0, "niter": 2}
-            trial.set_user_attr(OWNER, {"host": host_id(), "pid": sleeper.pid, "run": "other",
-                                        "expires": time.time() + 600})
+            trial.set_user_attr(OWNER, {"host": host_id(), "pid": sleeper.pid, "run": "other"})
             other.update(study=study, trial=trial)
         if call == 4:  # ... and finishes it later
             t, e = _table(taken)
@@ -121,45 +141,67 @@ def test_a_result_whose_trial_another_tuner_failed_is_kept_as_a_new_trial(store,
     assert len(again) == 1 and again[0].value == pytest.approx(_table(again[0].user_attrs[ATTR]["config"])[0])
 
 
-def test_the_owner_renews_the_lease_of_a_trial_while_it_runs(store, storage_url, monkeypatch):
-    from adasplash_tune.tuner import search
-
-    monkeypatch.setattr(search, "LEASE_S", 0.3)  # renewed every 0.1 s
-    seen: list[float] = []
+def test_a_running_trial_beats_and_is_not_failed_while_its_tuner_lives(store, studies_url, quick_heartbeats):
+    looked: list[int] = []
 
     def hook(call: int) -> None:
-        if call == 1:  # a slow trial: its owner record is renewed meanwhile
-            study = _other_tuner(storage_url)
-            for _ in range(2):
-                [mine] = study.get_trials(states=(TrialState.RUNNING,))
-                seen.append(mine.user_attrs[OWNER]["expires"])
-                time.sleep(1.0)
+        if call == 1:  # a slow trial (twice the grace period); another tuner looks for lost trials
+            other = _other_tuner(studies_url, open_storage(studies_url))
+            time.sleep(4)
+            lost_trials.fail_stale(other)
+            looked.extend(t.number for t in other.get_trials(states=(TrialState.RUNNING,)))
 
-    [result] = _job(store, storage_url, HookedTable(hook), trials=3).run()
-    assert result.trials == 3 and seen[1] > seen[0]
+    [result] = _job(store, studies_url, HookedTable(hook), trials=3).run()
+    assert len(looked) == 1 and result.trials == result.evaluated == 3
+    assert not [t for t in _all_trials(studies_url) if t.state == TrialState.FAIL]
 
 
-def test_who_counts_as_gone():
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # the other tuner's ask
+def test_a_trial_lost_with_another_host_is_failed_after_the_grace_period(store, studies_url, quick_heartbeats):
+    other: dict = {}
+
+    def hook(call: int) -> None:
+        if call == 0:  # a tuner on another host asks (q_chunk 16, niter 3), beats once, and its host dies
+            storage = open_storage(studies_url)
+            study = _other_tuner(studies_url, storage)
+            [mine] = study.get_trials(states=(TrialState.RUNNING,))
+            study.enqueue_trial({"q_chunk": 0, "niter": 2})  # choice indices: q_chunk 16, niter 3
+            trial = study.ask(mine.distributions)
+            Heartbeats(storage, study.study_name).add(trial.number)  # its one and only beat
+            trial.set_user_attr(OWNER, {"host": "another-host|boot", "pid": os.getpid(), "run": "other"})
+            other["number"] = trial.number
+
+    evaluator = HookedTable(hook)
+    [result] = _job(store, studies_url, evaluator).run()
+    [failed] = [t for t in _all_trials(studies_url) if t.state == TrialState.FAIL]
+    assert failed.number == other["number"] and ATTR not in failed.user_attrs  # lost, not counted
+    # the stage waited for it and, once it was failed, took its place in the budget: 6 trials here
+    configs = [tuple(sorted(c.items())) for c in evaluator.calls]
+    assert len(set(configs)) == len(configs) == result.trials == result.evaluated == 6
+
+
+def test_who_counts_as_lost_on_this_host():
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    me = SimpleNamespace(_run_id="this-run")
     now = datetime.now()
 
     def trial(owner=None, started=now):
         return SimpleNamespace(user_attrs={} if owner is None else {OWNER: owner}, datetime_start=started)
 
-    def abandoned(t) -> bool:
-        return StageSearch._abandoned(me, t)
+    def lost(t) -> bool:
+        return left_behind(t, "this-run")
 
     here, there = host_id(), "another-host|boot"
-    assert abandoned(trial({"host": here, "pid": gone.pid, "run": "x", "expires": time.time() + 999}))
-    assert not abandoned(trial({"host": here, "pid": os.getppid(), "run": "x", "expires": 0}))
-    assert abandoned(trial({"host": here, "pid": os.getpid(), "run": "an-earlier-search", "expires": 0}))
-    assert not abandoned(trial({"host": here, "pid": os.getpid(), "run": "this-run", "expires": 0}))
-    assert abandoned(trial({"host": there, "pid": os.getpid(), "run": "x", "expires": time.time() - 1}))
-    assert not abandoned(trial({"host": there, "pid": gone.pid, "run": "x", "expires": time.time() + 60}))
-    assert not abandoned(trial())  # no owner yet: asked a moment ago
-    assert abandoned(trial(started=now - timedelta(hours=1)))
+    assert lost(trial({"host": here, "pid": gone.pid, "run": "x"}))
+    assert not lost(trial({"host": here, "pid": os.getppid(), "run": "x"}))
+    assert lost(trial({"host": here, "pid": os.getpid(), "run": "an-earlier-search"}))
+    assert not lost(trial({"host": here, "pid": os.getpid(), "run": "this-run"}))
+    assert not lost(trial({"host": there, "pid": gone.pid, "run": "x"}))  # other hosts: heartbeats decide
+    # ... but for the leases of older versions (which never beat), once passed
+    assert lost(trial({"host": there, "pid": gone.pid, "run": "x", "expires": time.time() - 1}))
+    assert not lost(trial({"host": there, "pid": gone.pid, "run": "x", "expires": time.time() + 60}))
+    assert not lost(trial())  # no owner yet: asked a moment ago
+    assert lost(trial(started=now - timedelta(hours=1)))
 
 
 # --------------------------------------------------------------------------- two tuner processes

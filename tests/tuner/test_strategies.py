@@ -6,7 +6,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from adasplash_tune.tuner.search import FAILURE_PENALTY, Outcome, StageSearch
+from adasplash_tune.tuner.outcome import Outcome
+from adasplash_tune.tuner.search import FAILURE_PENALTY, StageSearch
 from adasplash_tune.tuner.space import build_space
 from adasplash_tune.tuner.strategies import STRATEGIES, get_strategy
 
