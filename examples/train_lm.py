@@ -571,7 +571,7 @@ def describe(args: argparse.Namespace, corpus: Corpus, model: ByteLM, device: to
         "alpha": None if args.attention == "sdpa" else args.alpha,
         "alpha_init": args.alpha_init if args.alpha == "learned" else None,
         "alpha_per": args.alpha_per if args.alpha == "learned" else None,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "corpus": {"source": corpus.source, "files": corpus.files, "sha256": corpus.sha256,
                    "train_bytes": corpus.train.numel(), "val_bytes": corpus.val.numel()},
         "params": sum(p.numel() for p in model.parameters()),
