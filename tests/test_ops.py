@@ -342,6 +342,30 @@ def test_compiled_call_with_a_bad_explicit_config_raises_config_error(config, ma
         fn(q, k, v)
 
 
+@pytest.mark.parametrize("wanted", ["qkv", "q"])
+def test_triton_backend_eager_and_compiled_match_the_oracle(triton_device, wanted):
+    """The Triton pair (the interpreter on CPU) through the public function: residuals and only the
+    asked-for gradients, eagerly and in a compiled graph."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(triton_device) for _ in range(3))
+    for t in (q, k, v)[: 3 if wanted == "qkv" else 1]:
+        t.requires_grad_()
+    lengths = torch.tensor([17], device=triton_device)
+    grad = torch.randn(q.shape, generator=gen).to(triton_device)
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+    ref = attention_reference(q, k, v, 1.5, True, lengths)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+
+    def fn(a, b, c, n):
+        return adasplash_tune.adasplash(a, b, c, 1.5, True, n, backend="triton")
+
+    for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        out = run(q, k, v, lengths)
+        assert relative_error(out, ref) <= tolerance(torch.float32)
+        for g, w in zip(torch.autograd.grad(out, leaves, grad), want):
+            assert relative_error(g, w) <= tolerance(torch.float32, grad=True)
+
+
 def test_compiled_call_checks_varlen_values_when_it_runs():
     fn = torch.compile(lambda a, b, c, n: adasplash_tune.adasplash(a, b, c, 1.5, True, n, backend="torch"),
                        fullgraph=True, backend="aot_eager")
