@@ -196,11 +196,15 @@ def _config_key(config: Any) -> Any:
 _UNHASHABLE = object()
 
 
-def _alpha_arg(alpha: Any) -> tuple[float, Tensor | None]:
-    """(alpha as a checked float, the tensor when alpha is one that needs a gradient)."""
+def _alpha_arg(alpha: Any) -> tuple[float | None, Tensor | None]:
+    """(alpha as a float, the tensor when alpha is one that needs a gradient); (None, None) for a
+    bad alpha, which the full validation then reports (in its order of checks)."""
     if type(alpha) is float and 1.0 < alpha <= 2.0:
         return alpha, None
-    value = _check_alpha(alpha)
+    try:
+        value = _check_alpha(alpha)
+    except (TypeError, ValueError):
+        return None, None
     if isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled():
         return value, alpha
     return value, None
@@ -235,10 +239,10 @@ def adasplash(
     if torch.compiler.is_compiling():
         return _traced_adasplash(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config)
     a, alpha_tensor = _alpha_arg(alpha)
-    key = _attention_signature(q, k, v, a, is_causal, varlen, niter, scale, backend, config)
+    key = None if a is None else _attention_signature(q, k, v, a, is_causal, varlen, niter, scale, backend, config)
     call = _CALLS.get(key) if key is not None else None
     if call is None:
-        call = _attention_call(q, k, v, a, is_causal, varlen, niter, scale, backend, config)
+        call = _attention_call(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config)
         _remember(_CALLS, key, call)
     backend, scale, cfg = call
     return ops.attention(q, k, v, a, alpha_tensor, is_causal, varlen, scale, backend, cfg, niter)
@@ -262,7 +266,7 @@ def _attention_signature(q, k, v, alpha: float, is_causal, varlen, niter, scale,
             config_key)
 
 
-def _attention_call(q, k, v, alpha: float, is_causal, varlen, niter, scale, backend, config):
+def _attention_call(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config):
     """Validate a new signature and select its config: (backend, scale, Config as run)."""
     q, k, v, alpha, varlen, niter, scale = _check_attention_inputs(q, k, v, alpha, is_causal, varlen, niter, scale)
     backend = _resolve_backend(backend, q.device)
@@ -299,15 +303,21 @@ def _check_entmax_inputs(x, alpha, dim, niter):
     return x, _check_alpha(alpha), dim % x.dim(), _check_niter(niter)
 
 
-def _entmax_alpha(alpha: Any) -> float:
-    """entmax's alpha as a checked float; a tensor alpha that needs a gradient is refused (entmax has
-    no alpha gradient: detaching it silently would train nothing)."""
+def _entmax_alpha(alpha: Any) -> float | None:
+    """entmax's alpha as a float; None for a bad alpha or one that needs a gradient (the full
+    validation then reports it)."""
     if type(alpha) is float and 1.0 < alpha <= 2.0:
         return alpha
-    if isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled():
-        raise ValueError("entmax has no gradient w.r.t. alpha: pass a float or a tensor that does not require "
-                         "grad (alpha.detach()); adasplash does differentiate a 0-d alpha tensor")
-    return _check_alpha(alpha)
+    if _needs_grad(alpha):
+        return None
+    try:
+        return _check_alpha(alpha)
+    except (TypeError, ValueError):
+        return None
+
+
+def _needs_grad(alpha: Any) -> bool:
+    return isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled()
 
 
 # raw call signature -> (backend, dim >= 0, Config as run)
@@ -331,20 +341,23 @@ def entmax(
         return _entmax_rows(x, dim, lambda rows: ops.traced_entmax(rows, alpha, backend, cfg_json, niter))
     a = _entmax_alpha(alpha)
     key = None
-    if isinstance(x, Tensor):
+    if a is not None and isinstance(x, Tensor):
         config_key = _config_key(config)
         if config_key is not _UNHASHABLE:
             key = (x.shape, x.dtype, x.device, _alpha_class(a), dim.__class__, dim, niter.__class__, niter, backend,
                    config_key)
     call = _ENTMAX_CALLS.get(key) if key is not None else None
     if call is None:
-        x, a, dim, niter = _check_entmax_inputs(x, a, dim, niter)
+        x, a, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
+        if _needs_grad(alpha):  # entmax has no alpha gradient: detaching it silently would train nothing
+            raise ValueError("entmax has no gradient w.r.t. alpha: pass a float or a tensor that does not "
+                             "require grad (alpha.detach()); adasplash does differentiate a 0-d alpha tensor")
         backend = _resolve_backend(backend, x.device)
         sel = entmax_selection(x, a, dim, backend, config)
         call = (backend, dim, with_niter(sel._config, niter))
         _remember(_ENTMAX_CALLS, key, call)
     backend, dim, cfg = call
-    if dim == 1 and x.dim() == 2 and x.shape[1]:
+    if dim == 1 and x.dim() == 2 and x.numel():
         return ops.entmax(x, a, backend, cfg)
     return _entmax_rows(x, dim, lambda rows: ops.entmax(rows, a, backend, cfg))
 

@@ -192,6 +192,16 @@ def test_entmax_refuses_an_alpha_that_needs_a_gradient() -> None:
     assert relative_error(out, entmax_reference(x, 1.5)) <= tolerance(torch.float32)
 
 
+def test_with_several_bad_inputs_the_first_in_the_documented_order_is_named() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q must be a torch\.Tensor"):
+        adasplash(q.tolist(), k, v, alpha=5.0)
+    with pytest.raises(ValueError, match=r"head dim must be in"):
+        adasplash(*_qkv(dim=8), alpha=torch.tensor(7.0))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        entmax([1.0, 2.0], torch.tensor(1.5, requires_grad=True))
+
+
 def test_config_errors_are_value_errors() -> None:
     assert issubclass(ConfigError, ValueError)
 
