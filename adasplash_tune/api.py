@@ -2,7 +2,7 @@
 
 Data flows one way: inputs are validated -> a problem key is built -> a config is selected
 (explicit, or memo -> caches -> nearest -> default; never timed; :mod:`.selection`) -> the backend
-runs it (:mod:`.ops`).
+runs it (:mod:`.ops` eagerly, :mod:`.compiled` while torch.compile traces).
 
 The eager hot path: a call's raw signature (shapes, dtypes, devices, scalar types and values,
 backend, config) maps to what a validated call with that signature runs (backend, scale, Config).
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from . import ops
+from . import compiled, ops
 from .kernels.problem import alpha_class
 from .kernels.spec import Config
 from .selection import (
@@ -288,8 +288,8 @@ def _traced_adasplash(q, k, v, alpha, is_causal, varlen, niter, scale, backend, 
                                                                        scale)
     backend = _resolve_backend(backend, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    cfg_json = ops.explicit_config_json("adasplash", backend, config)
-    return ops.traced_attention(q, k, v, alpha, is_causal, varlen, scale, backend, cfg_json, niter)
+    cfg_json = compiled.explicit_config_json("adasplash", backend, config)
+    return compiled.traced_attention(q, k, v, alpha, is_causal, varlen, scale, backend, cfg_json, niter)
 
 
 def _check_entmax_inputs(x, alpha, dim, niter):
@@ -337,8 +337,8 @@ def entmax(
     if torch.compiler.is_compiling():
         x, alpha, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
         backend = _resolve_backend(backend, x.device)
-        cfg_json = ops.explicit_config_json("entmax", backend, config)
-        return _entmax_rows(x, dim, lambda rows: ops.traced_entmax(rows, alpha, backend, cfg_json, niter))
+        cfg_json = compiled.explicit_config_json("entmax", backend, config)
+        return _entmax_rows(x, dim, lambda rows: compiled.traced_entmax(rows, alpha, backend, cfg_json, niter))
     a = _entmax_alpha(alpha)
     key = None
     if a is not None and isinstance(x, Tensor):

@@ -1,5 +1,6 @@
-"""The custom ops (torch.library): schema/fake/autograd checks, the alpha gradient, and
-torch.compile(fullgraph=True) of models calling adasplash_tune.adasplash / entmax.
+"""The eager autograd Functions (ops.py) and the custom ops of compiled graphs (compiled.py): what
+autograd keeps and asks, opcheck of the ops, the alpha gradient, and torch.compile(fullgraph=True)
+of models calling adasplash_tune.adasplash / entmax.
 
 The CPU compile tests use the aot_eager compiler backend (Dynamo + AOTAutograd + the fake
 implementations: everything the ops contribute); Inductor's cold start alone takes ~30 s on two
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import adasplash_tune
-from adasplash_tune import ConfigError, ops
+from adasplash_tune import ConfigError, compiled, ops
 from adasplash_tune.cache import locations
 from adasplash_tune.cache.store import Entry, open_store
 from adasplash_tune.device import fingerprint
@@ -54,7 +55,7 @@ def _qkv(batch=2, hq=2, hkv=1, n=11, dim=16, seed=0, grad=False):
 
 
 def _torch_config(**values) -> str:
-    return ops.config_json(get_spec("adasplash", "torch").validate(values))
+    return compiled.config_json(get_spec("adasplash", "torch").validate(values))
 
 
 # --------------------------------------------------------------------------- op registration
@@ -130,7 +131,7 @@ def _attend(path, q, k, v, alpha, causal, varlen, scale):
         alpha_tensor = alpha if isinstance(alpha, torch.Tensor) and alpha.requires_grad else None
         value = alpha.item() if isinstance(alpha, torch.Tensor) else alpha
         return ops.attention(q, k, v, value, alpha_tensor, causal, varlen, scale, "torch", cfg)
-    return ops.traced_attention(q, k, v, alpha, causal, varlen, scale, "torch")
+    return compiled.traced_attention(q, k, v, alpha, causal, varlen, scale, "torch")
 
 
 def test_unknown_backend_in_the_ops_is_a_value_error():
@@ -139,11 +140,11 @@ def test_unknown_backend_in_the_ops_is_a_value_error():
     with pytest.raises(ValueError, match="unknown backend"):
         ops.attention(q, k, v, 1.5, None, False, None, 0.25, "cuda-magic", cfg)
     with pytest.raises(ValueError, match="unknown backend"):
-        ops.traced_attention(q, k, v, 1.5, False, None, 0.25, "cuda-magic")
+        compiled.traced_attention(q, k, v, 1.5, False, None, 0.25, "cuda-magic")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.entmax(torch.randn(3, 5), 1.5, "cuda-magic", cfg)
     with pytest.raises(ValueError, match="unknown backend"):
-        ops.traced_entmax(torch.randn(3, 5), 1.5, "cuda-magic")
+        compiled.traced_entmax(torch.randn(3, 5), 1.5, "cuda-magic")
 
 
 # --------------------------------------------------------------------------- what autograd keeps and asks
@@ -168,7 +169,7 @@ class _SpyPair:
 @pytest.fixture
 def spy(monkeypatch):
     recorder = _SpyPair()
-    monkeypatch.setattr(ops, "_pair", lambda backend: recorder.pair)
+    monkeypatch.setattr(ops, "require_attention_pair", lambda backend: recorder.pair)
     return recorder
 
 
@@ -210,7 +211,7 @@ def test_alpha_gradient_matches_finite_differences_of_the_oracle(alpha, causal, 
     if path == "public":  # a 0-d alpha tensor that requires grad gets its gradient (issue 16, defect 8)
         out = adasplash_tune.adasplash(q, k, v, a, causal, lengths, scale=0.3, backend="torch")
     else:
-        out = ops.traced_attention(q, k, v, a, causal, lengths, 0.3, "torch")
+        out = compiled.traced_attention(q, k, v, a, causal, lengths, 0.3, "torch")
     (out * grad_out).sum().backward()
     h = 1e-5
 
@@ -268,8 +269,8 @@ def test_compiled_model_has_one_graph_and_matches_eager_and_oracle(case):
     x = torch.randn(2, 13, 24)
     w = torch.randn(2, 2, 13, 16)
     eager_y, eager_g = _run(block, x, w, **kw)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    y, grads = _run(compiled, x, w, **kw)
+    graph = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, grads = _run(graph, x, w, **kw)
     assert relative_error(y, eager_y) <= tolerance(torch.float32)
     for g, e in zip(grads, eager_g):
         assert relative_error(g, e) <= tolerance(torch.float32, grad=True)
@@ -281,18 +282,18 @@ def test_compiled_model_has_one_graph_and_matches_eager_and_oracle(case):
 
 def test_one_dynamic_graph_serves_every_length_with_its_own_selection(monkeypatch):
     seen = []
-    original = ops._attention_config
-    monkeypatch.setattr(ops, "_attention_config", lambda *a: seen.append(a[0].shape[2]) or original(*a))
+    original = compiled._attention_config
+    monkeypatch.setattr(compiled, "_attention_config", lambda *a: seen.append(a[0].shape[2]) or original(*a))
 
     def fn(q, k, v, lengths):
         return adasplash_tune.adasplash(q, k, v, 1.5, True, lengths, backend="torch")
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    graph = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
     torch._dynamo.utils.counters.clear()
     for n in (13, 30, 47):
         q, k, v = _qkv(n=n, seed=n)
         lengths = torch.tensor([n, n // 2])
-        out = compiled(q, k, v, lengths)
+        out = graph(q, k, v, lengths)
         assert relative_error(out, attention_reference(q, k, v, 1.5, True, lengths)) <= tolerance(torch.float32)
     assert seen == [13, 30, 47]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -311,14 +312,14 @@ def test_compiled_call_selects_at_run_time_like_eager(monkeypatch):
         store.upsert_best(entry)
     adasplash_tune.api.clear_memo()
     seen = []
-    original = ops._attention_config
+    original = compiled._attention_config
 
     def spy(*args):
         cfg = original(*args)
         seen.append(cfg.as_dict())
         return cfg
 
-    monkeypatch.setattr(ops, "_attention_config", spy)
+    monkeypatch.setattr(compiled, "_attention_config", spy)
     fn = torch.compile(lambda a, b, c: adasplash_tune.adasplash(a, b, c, 1.5, True, backend="torch"),
                        fullgraph=True, backend="aot_eager")
     out = fn(q, k, v)
@@ -384,19 +385,19 @@ def test_compiled_call_differentiates_a_tensor_alpha_like_eager(dynamic):
     def fn(q, k, v, alpha):
         return adasplash_tune.adasplash(q, k, v, alpha, True, backend="torch")
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    graph = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     for n in (12, 17):
         q, k, v = _qkv(n=n, seed=n, grad=True)
         w = torch.randn(2, 2, n, 16, generator=torch.Generator().manual_seed(n))
         results = []
-        for run in (fn, compiled):
+        for run in (fn, graph):
             alpha = torch.tensor(1.35, requires_grad=True)
             out = run(q, k, v, alpha)
             results.append((out, *torch.autograd.grad((out * w).sum(), (q, k, alpha))))
         for got, want in zip(results[1], results[0]):
             assert relative_error(got, want) <= tolerance(torch.float32, grad=True)
     with pytest.raises(ValueError, match=r"alpha must be in \(1, 2\]"):  # a tensor's value: checked when run
-        compiled(q, k, v, torch.tensor(2.5))
+        graph(q, k, v, torch.tensor(2.5))
 
 
 def test_a_pair_that_breaks_the_config_free_residual_shapes_is_named(monkeypatch):
@@ -407,11 +408,11 @@ def test_a_pair_that_breaks_the_config_free_residual_shapes_is_named(monkeypatch
         out, residuals = torch_pair.forward(*args, need_residuals=need_residuals)
         return out, [r[:, :, :1] for r in residuals]
 
-    monkeypatch.setattr(ops, "_pair", lambda backend: ops.AttentionPair(forward, torch_pair.backward,
-                                                                         torch_pair.residuals))
+    monkeypatch.setattr(ops, "require_attention_pair",
+                        lambda backend: ops.AttentionPair(forward, torch_pair.backward, torch_pair.residuals))
     q, k, v = _qkv(grad=True)
     with pytest.raises(RuntimeError, match=r"config-free shapes"):
-        ops.traced_attention(q, k, v, 1.5, False, None, 0.25, "torch")
+        compiled.traced_attention(q, k, v, 1.5, False, None, 0.25, "torch")
 
 
 @pytest.mark.gpu
@@ -441,9 +442,8 @@ def test_compiled_model_with_the_triton_backend_on_gpu(dtype):
 
 
 def test_the_constant_result_mark_is_the_one_torch_sets():
-    """ops marks its trace-time constants without importing torch._dynamo; the mark must stay the
-    one torch.compiler.assume_constant_result sets (fullgraph compiles rely on it)."""
-    from adasplash_tune import ops
+    """compiled.py marks its trace-time constants without importing torch._dynamo; the mark must
+    stay the one torch.compiler.assume_constant_result sets (fullgraph compiles rely on it)."""
 
     def ours():
         return 1
@@ -451,7 +451,7 @@ def test_the_constant_result_mark_is_the_one_torch_sets():
     def theirs():
         return 1
 
-    ops_marked = dict(vars(ops._mark_constant(ours)))
+    ours_marked = dict(vars(compiled._mark_constant(ours)))
     torch_marked = dict(vars(torch.compiler.assume_constant_result(theirs)))
-    assert ops_marked == torch_marked == {"_dynamo_marked_constant": True}
-    assert ops.explicit_config_json._dynamo_marked_constant
+    assert ours_marked == torch_marked == {"_dynamo_marked_constant": True}
+    assert compiled.explicit_config_json._dynamo_marked_constant
