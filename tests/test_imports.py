@@ -75,3 +75,31 @@ def test_no_sqlalchemy_after_import(fresh_process):
                    "issue 16's sqlite3 loader (branch h16cache) removes it -- then drop this mark")
 def test_no_sqlalchemy_after_eager_calls(fresh_process):
     assert "sqlalchemy" not in fresh_process["after_calls"]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the adasplash_tune modules a source file imports (anywhere in it)."""
+    import ast
+
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("adasplash_tune")}
+
+
+@pytest.mark.parametrize("layer,above", [
+    ("adasplash_tune/selection.py", ("adasplash_tune.api", "adasplash_tune.ops", "adasplash_tune.compiled")),
+    ("adasplash_tune/ops.py", ("adasplash_tune.api", "adasplash_tune.compiled")),
+    ("adasplash_tune/compiled.py", ("adasplash_tune.api",)),
+])
+def test_the_call_path_imports_point_down(layer, above):
+    """api -> compiled -> ops -> selection -> kernels / cache.loader: nothing imports a layer above it."""
+    imported = _imported_modules(REPO / layer)
+    assert not {name for name in imported if name.startswith(above)}, imported
