@@ -84,16 +84,18 @@ def _environment(cuda: bool) -> dict[str, Any]:
 
 
 def _backend_alone(backend: str):
-    """The backend's own entry points: (forward, differentiable forward, entmax forward)."""
+    """The backend's own entry points: (forward, differentiable forward, entmax forward); None for
+    one this checkout's kernels do not have."""
     if backend == "torch":
         from adasplash_tune.kernels.torch_backend.attention import adasplash_torch, adasplash_torch_forward
         from adasplash_tune.kernels.torch_backend.entmax import entmax_torch_forward
 
         return (lambda *a: adasplash_torch_forward(*a)[0]), adasplash_torch, entmax_torch_forward
-    from adasplash_tune.kernels.attention.op import adasplash_triton
-    from adasplash_tune.kernels.entmax import entmax_forward
+    from adasplash_tune.kernels import entmax
+    from adasplash_tune.kernels.attention import op
 
-    return adasplash_triton, adasplash_triton, entmax_forward
+    attention = getattr(op, "adasplash_triton", None)
+    return attention, attention, getattr(entmax, "entmax_forward", None)
 
 
 @contextlib.contextmanager
@@ -156,17 +158,18 @@ def host_part(cuda: bool, quick: bool, calls: int, repeats: int) -> dict[str, An
         alone = lambda a, b, c: alone_diff(a, b, c, ALPHA, True, None, scale, cfg)  # noqa: E731
         cases = {
             "forward": {"adasplash": lambda: ours(q, k, v), "sdpa": lambda: sdpa(q, k, v),
-                        "backend_alone": lambda: alone_fwd(q, k, v, ALPHA, True, None, scale, cfg)},
-            "forward_backward": {"adasplash": fwd_bwd(ours), "sdpa": fwd_bwd(sdpa), "backend_alone": fwd_bwd(alone)},
+                        "backend_alone": alone_fwd and (lambda: alone_fwd(q, k, v, ALPHA, True, None, scale, cfg))},
+            "forward_backward": {"adasplash": fwd_bwd(ours), "sdpa": fwd_bwd(sdpa),
+                                 "backend_alone": alone_diff and fwd_bwd(alone)},
             "entmax": {"adasplash": lambda: adasplash_tune.entmax(x, ALPHA), "sdpa": lambda: torch.softmax(x, -1),
-                       "backend_alone": lambda: alone_entmax(x, ALPHA, ent_cfg)},
+                       "backend_alone": alone_entmax and (lambda: alone_entmax(x, ALPHA, ent_cfg))},
         }
         results: dict[str, Any] = {"attention_shape": list(shape), "entmax_shape": list(rows),
                                    "dtype": str(dtype).replace("torch.", ""), "backend": sel.backend,
                                    "config_source": sel.source, "clock": "wall" if cuda else "thread CPU time",
                                    "calls": calls, "repeats": repeats}
         for case, fns in cases.items():
-            row = {name: per_call_us(fn, calls, repeats, cuda) for name, fn in fns.items()}
+            row = {name: per_call_us(fn, calls, repeats, cuda) if fn else None for name, fn in fns.items()}
             with null_backend():
                 row["null_backend"] = per_call_us(fns["adasplash"], calls, repeats, cuda)
             row["ratio_to_sdpa"] = row["adasplash"]["host_us"] / row["sdpa"]["host_us"]
@@ -203,6 +206,34 @@ def _encoder(layers: int, width: int, heads: int, attend, device, dtype):
     return nn.Sequential(*(Layer() for _ in range(layers))).to(device, dtype)
 
 
+def _train_steps(model, x, warmup: int, steps: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """Step times (ms) and peak memory beyond the state before each step (MB, CUDA only)."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times, peaks = [], []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times, peaks
+
+
 def train_part(cuda: bool, quick: bool) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
@@ -220,33 +251,13 @@ def train_part(cuda: bool, quick: bool) -> list[dict[str, Any]]:
         for name, attend in methods.items():
             torch.manual_seed(0)
             model = _encoder(layers, width, heads, attend, device, dtype)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             x = torch.randn(batch, n, width, device=device, dtype=dtype)
-
-            def step() -> None:
-                model(x).float().square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            for _ in range(warmup):
-                step()
-            times, peaks = [], []
-            for _ in range(steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                start = time.perf_counter()
-                step()
-                if cuda:
-                    torch.cuda.synchronize()
-                    peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
-                times.append((time.perf_counter() - start) * 1e3)
+            times, peaks = _train_steps(model, x, warmup, steps, cuda)
             rows.append({"batch": batch, "seq_len": n, "layers": layers, "width": width, "heads": heads,
                          "dtype": str(dtype).replace("torch.", ""), "method": name,
                          "step_ms": statistics.median(times), "step_min_ms": min(times),
                          "peak_mb": max(peaks) if peaks else None})
-            del model, opt, x
+            model = x = None
             if cuda:
                 torch.cuda.empty_cache()
     for row in rows:
@@ -430,8 +441,9 @@ def _table(report: dict[str, Any]) -> str:
                   f"{'wall ours':>11}{'wall ref':>10}"]
         for case in ("forward", "forward_backward", "entmax"):
             r = host[case]
+            alone = "-" if r["backend_alone"] is None else f"{r['backend_alone']['host_us']:.1f}"
             lines.append(f"{case:<18}{r['adasplash']['host_us']:>11.1f}{r['sdpa']['host_us']:>14.1f}"
-                         f"{r['ratio_to_sdpa']:>8.2f}{r['backend_alone']['host_us']:>9.1f}{r['api_overhead_us']:>10.1f}"
+                         f"{r['ratio_to_sdpa']:>8.2f}{alone:>9}{r['api_overhead_us']:>10.1f}"
                          f"{r['adasplash']['wall_us']:>11.1f}{r['sdpa']['wall_us']:>10.1f}")
     train = report.get("train")
     if isinstance(train, list):

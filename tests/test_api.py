@@ -173,6 +173,21 @@ def test_varlen_values_are_checked_on_every_call() -> None:
         adasplash(q, k, v, varlen=torch.tensor([5, 12]), backend="torch")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.bfloat16)])
+def test_gpu_varlen_values_are_checked_on_request(monkeypatch, backend, dtype) -> None:
+    """Reading a GPU tensor's values synchronises: unchecked by default (a length past N acts as N),
+    checked under ADASPLASH_TUNE_CHECK_VARLEN=1."""
+    monkeypatch.delenv("ADASPLASH_TUNE_CHECK_VARLEN", raising=False)
+    q, k, v = (t.to("cuda", dtype) for t in _qkv())
+    bad, clamped = (torch.tensor(lengths, device="cuda") for lengths in ([3, 12], [3, 9]))
+    out = adasplash(q, k, v, varlen=bad, backend=backend)
+    assert torch.equal(out, adasplash(q, k, v, varlen=clamped, backend=backend))
+    monkeypatch.setenv("ADASPLASH_TUNE_CHECK_VARLEN", "1")
+    with pytest.raises(ValueError, match=r"varlen values must be valid lengths in \[0, 9\]"):
+        adasplash(q, k, v, varlen=bad, backend=backend)
+
+
 def test_a_differentiable_alpha_tensor_gets_its_gradient_and_a_detached_one_none() -> None:
     q, k, v = _qkv(n=12, seed=11)
     alpha = torch.tensor(1.4, requires_grad=True)
