@@ -27,9 +27,7 @@ from torch import Tensor
 from . import compiled, ops
 from .kernels.problem import alpha_class
 from .kernels.spec import Config
-from .selection import (
-    DTYPE_NAMES, Selection, attention_selection, entmax_selection, with_niter,
-)
+from .selection import DTYPE_NAMES, Selection, attention_selection, entmax_selection, with_niter
 from .selection import clear_memo as _clear_selection_memo
 
 __all__ = ["adasplash", "entmax", "select", "Selection", "clear_memo"]
@@ -205,9 +203,12 @@ def _alpha_arg(alpha: Any) -> tuple[float | None, Tensor | None]:
         value = _check_alpha(alpha)
     except (TypeError, ValueError):
         return None, None
-    if isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled():
-        return value, alpha
-    return value, None
+    return value, (alpha if _needs_grad(alpha) else None)
+
+
+def _needs_grad(alpha: Any) -> bool:
+    """Whether ``alpha`` is a tensor this call must differentiate."""
+    return isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled()
 
 
 def _remember(memo: dict, key: tuple | None, call: tuple) -> None:
@@ -314,10 +315,6 @@ def _entmax_alpha(alpha: Any) -> float | None:
         return _check_alpha(alpha)
     except (TypeError, ValueError):
         return None
-
-
-def _needs_grad(alpha: Any) -> bool:
-    return isinstance(alpha, Tensor) and alpha.requires_grad and torch.is_grad_enabled()
 
 
 # raw call signature -> (backend, dim >= 0, Config as run)
