@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -12,7 +14,19 @@ import torch
 __all__ = ["DeviceFingerprint", "fingerprint", "triton_version"]
 
 
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
+
+
 def triton_version() -> str:
+    """Triton's version ("none" without it), read from its package metadata unless triton is
+    already imported: importing it costs about 0.5 s, which a torch-backend call never needs."""
+    module = sys.modules.get("triton")
+    if module is None:
+        for name in _TRITON_DISTRIBUTIONS:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
     try:
         import triton
 

@@ -165,20 +165,9 @@ class AdaSplashAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.embed_dim))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, varlen: Tensor | None) -> Tensor:
-        if not self.learn_alpha:
-            return api.adasplash(q, k, v, self._alpha, causal, varlen, self.niter, scale=self.scale,
-                                 backend=self.backend, config=self.config)
-        from . import ops
-
-        q, k, v, _, varlen, niter, scale = api._check_attention_inputs(
-            q, k, v, 1.5, causal, varlen, self.niter, self.scale)
-        backend = api._resolve_backend(self.backend, q.device)
-        if not ops.has_attention_op(backend):
-            raise ValueError(f"a learnable alpha needs an attention backend with a custom op; "
-                             f"{backend!r} has none yet (use backend='torch')")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        cfg_json = ops.explicit_config_json("adasplash", backend, self.config)
-        return ops.adasplash_op(q, k, v, self.alpha, causal, varlen, scale, backend, cfg_json, niter)
+        alpha = self.alpha  # a 0-d tensor when learnable: adasplash differentiates it
+        return api.adasplash(q, k, v, alpha, causal, varlen, self.niter, scale=self.scale, backend=self.backend,
+                             config=self.config)
 
 
 def _lengths_from_padding(mask: Tensor, batch: int, n: int, device: torch.device) -> Tensor:

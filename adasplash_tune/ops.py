@@ -1,142 +1,45 @@
-"""PyTorch custom ops around the backends, so ``torch.compile`` sees opaque, differentiable ops.
+"""The differentiable attention and entmax ops of eager calls, and the backend pairs they run.
 
-Registered under the ``adasplash_tune`` namespace (``torch.ops.adasplash_tune.<name>``) with fake
-(meta) implementations and autograd formulas; the schemas take plain arguments only:
+:func:`attention` and :func:`entmax` go through plain ``torch.autograd.Function`` s that call a
+backend's forward/backward pair directly with the validated :class:`Config`: no dispatcher layer,
+no JSON. A call that needs no gradient skips autograd altogether and keeps no residuals; a
+backward computes only the gradients asked for, and outputs that are not differentiated get no
+zero-filled gradients. What ``torch.compile`` traces instead is in :mod:`.compiled`.
 
-* ``attention_forward(q, k, v, varlen?, alpha, is_causal, scale, niter, backend, config)
-  -> [out, *residuals]`` -- ``alpha`` is a 0-d tensor (a learnable alpha gets a gradient),
-  ``config`` the launch config as JSON (:func:`config_json`) or ``""``;
-* ``attention_backward(grad_out, q, k, v, varlen?, out, residuals, ...) -> (dq, dk, dv)``;
-* ``attention_alpha_backward(grad_out, q, k, v, varlen?, alpha, ...) -> dalpha``;
-* ``entmax_forward(x, alpha, niter, backend, config) -> y`` and
-  ``entmax_backward(y, grad, alpha, niter, backend, config) -> dx`` (x: 2-D rows).
-
-``config == ""`` means "select at run time": the op's implementation asks the same call-time
-selection as the eager API (memo -> caches -> nearest -> default; never timed), on the real
-tensors. That is how a compiled graph selects: nothing about selection is traced. ``niter > 0``
-overrides the config's iteration count.
-
-A backend plugs in through a forward/backward pair (:class:`AttentionPair`): the torch backend
-and the Triton attention (``kernels/attention/op.py``'s ``adasplash_triton_forward``,
-``adasplash_triton_backward`` and ``adasplash_triton_residuals``; see :func:`attention_pair`).
+A backend plugs in through an :class:`AttentionPair`: the torch backend and the Triton attention
+(``kernels/attention/op.py``'s ``adasplash_triton_forward``, ``adasplash_triton_backward`` and
+``adasplash_triton_residuals``; see :func:`attention_pair`); entmax through an :class:`EntmaxPair`.
 """
 
-# no `from __future__ import annotations`: torch.library reads the op signatures' real types
+from __future__ import annotations
+
 import functools
-import json
 import logging
-import sys
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .kernels.problem import alpha_class
-from .kernels.registry import config_from_json
-from .kernels.spec import Config, ConfigError
+from .kernels.spec import Config
+from .kernels.torch_backend.alpha_grad import attention_alpha_grad
+from .kernels.torch_backend.attention import adasplash_torch_backward, adasplash_torch_forward
+from .kernels.torch_backend.entmax import entmax_torch_backward, entmax_torch_forward
 
 __all__ = [
-    "AttentionPair", "attention_pair", "has_attention_op", "config_json",
-    "explicit_config_json", "adasplash_op", "entmax_op",
+    "AttentionPair", "attention_pair", "require_attention_pair", "EntmaxPair", "entmax_pair", "attention", "entmax",
+    "check_varlen_values", "check_alpha_value", "alpha_gradient", "ENV_CHECK_VARLEN",
 ]
 
 log = logging.getLogger("adasplash_tune")
 
-_NS = "adasplash_tune"
+#: ``ADASPLASH_TUNE_CHECK_VARLEN=1``: check varlen values on GPU tensors too (one device sync per call).
+ENV_CHECK_VARLEN = "ADASPLASH_TUNE_CHECK_VARLEN"
 
-
-# --------------------------------------------------------------------------- config transport
-
-
-@functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=1024)
-def config_json(config: Config) -> str:
-    """The JSON form a custom op receives for ``config`` (memoised: configs are hashable)."""
-    return config.to_json()
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse(text: str) -> Config:
-    """The validated Config of a JSON text (ConfigError naming the bad field otherwise)."""
-    return config_from_json(text)
-
-
-def _parse_or_none(text: str) -> Optional[Config]:
-    try:
-        return _parse(text) if text else None
-    except ValueError:  # reported when the op runs
-        return None
-
-
-def _constant_result(fn: Callable) -> Callable:
-    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about 1 s of
-    a process's first call): that decorator only sets the mark below, which dynamo reads when it
-    traces (tests/test_ops.py checks the mark is still the one torch sets)."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    return _mark_constant(fn)
-
-
-def _mark_constant(fn: Callable) -> Callable:
-    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
-    return fn
-
-
-@_constant_result
-def explicit_config_json(kernel: str, backend: str, config: Any) -> str:
-    """A user-given config as the op's JSON ("" for None), evaluated once at trace time.
-
-    Not validated here: the op validates it when it runs, so a bad field raises ConfigError
-    from the compiled call itself rather than a compiler error.
-    """
-    if config is None:
-        return ""
-    if isinstance(config, Config):
-        kernel, backend, config = config.kernel, config.backend, config.as_dict()
-    values = dict(config) if isinstance(config, Mapping) else config
-    return json.dumps({"kernel": kernel, "backend": backend, "config": values}, sort_keys=True, default=repr)
-
-
-def _given(text: str, kernel: str, backend: str) -> Config:
-    cfg = _parse(text)
-    if (cfg.kernel, cfg.backend) != (kernel, backend):
-        raise ConfigError(f"config is for {cfg.kernel} ({cfg.backend}), not {kernel} ({backend})")
-    return cfg
-
-
-def _niter(config: Config, niter: int) -> Config:
-    return config if niter <= 0 or niter == config["niter"] else config.replace(niter=niter)
-
-
-def _selection_alpha(alpha: float) -> float:
-    """The alpha the run-time selection is keyed by: a learnable alpha changes at every step, so a
-    generic alpha is rounded to 1e-2 (its problem key only records the class) to bound the memo."""
-    if alpha_class(alpha) != "generic":
-        return alpha
-    rounded = round(alpha, 2)
-    return rounded if alpha_class(rounded) == "generic" and 1.0 < rounded < 2.0 else alpha
-
-
-def _attention_config(q: Tensor, k: Tensor, varlen: Optional[Tensor], alpha: float, is_causal: bool,
-                      niter: int, backend: str, config: str) -> Config:
-    if config:
-        cfg = _given(config, "adasplash", backend)
-    else:
-        from .api import _attention_selection
-
-        cfg = _attention_selection(q, k, _selection_alpha(alpha), is_causal, varlen, backend, None)._config
-    return _niter(cfg, niter)
-
-
-def _entmax_config(x: Tensor, alpha: float, niter: int, backend: str, config: str) -> Config:
-    if config:
-        cfg = _given(config, "entmax", backend)
-    else:
-        from .api import _entmax_selection
-
-        cfg = _entmax_selection(x, alpha, x.dim() - 1, backend, None)._config
-    return _niter(cfg, niter)
+#: The alpha gradient's tau solve takes at least this many iterations.
+_ALPHA_GRAD_MIN_NITER = 30
 
 
 # --------------------------------------------------------------------------- backend pairs
@@ -144,31 +47,31 @@ def _entmax_config(x: Tensor, alpha: float, niter: int, backend: str, config: st
 
 @dataclass(frozen=True)
 class AttentionPair:
-    """How one backend plugs into the attention op.
+    """How one backend plugs into the attention ops.
 
-    ``forward(q, k, v, alpha, is_causal, varlen, scale, config) -> (out, residuals)``;
-    ``backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale, config)
-    -> (dq, dk, dv)``; ``residuals(q, k, v, config) -> [(shape, dtype), ...]`` describes the
-    residual tensors for the fake (meta) implementation (``config`` may be None there: the
-    shapes must then not depend on it).
+    ``forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals=True)
+    -> (out, residuals)`` (no residuals without ``need_residuals``);
+    ``backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale, config, *,
+    needs=(True, True, True)) -> (dq, dk, dv)``, None for a gradient ``needs`` does not ask for;
+    ``residuals(q, k, v, config) -> [(shape, dtype), ...]`` describes the residual tensors for
+    the compiled path's fake implementation (:mod:`.compiled`). ``config`` is None there when the graph selects at
+    run time: the shapes must then hold for every config.
     """
 
     forward: Callable[..., tuple[Tensor, Sequence[Tensor]]]
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    backward: Callable[..., tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
     residuals: Callable[..., list[tuple[tuple[int, ...], torch.dtype]]]
 
 
-def _torch_forward(q, k, v, alpha, is_causal, varlen, scale, config):
-    from .kernels.torch_backend.attention import adasplash_torch_forward
-
+def _torch_forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals: bool = True):
     out, stats = adasplash_torch_forward(q, k, v, alpha, is_causal, varlen, scale, config)
-    return out, [stats]
+    return out, ([stats] if need_residuals else [])
 
 
-def _torch_backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale, config):
-    from .kernels.torch_backend.attention import adasplash_torch_backward
-
-    return adasplash_torch_backward(grad_out, q, k, v, residuals[0], alpha, is_causal, varlen, scale, config)
+def _torch_backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale, config, *,
+                    needs: tuple[bool, bool, bool] = (True, True, True)):
+    grads = adasplash_torch_backward(grad_out, q, k, v, residuals[0], alpha, is_causal, varlen, scale, config)
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _torch_residuals(q, k, v, config):
@@ -179,9 +82,8 @@ _TORCH_PAIR = AttentionPair(_torch_forward, _torch_backward, _torch_residuals)
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def attention_pair(backend: str) -> Optional[AttentionPair]:
-    """The forward/backward pair of ``backend`` ("torch" or "triton"), None if it has none."""
+    """The forward/backward pair of ``backend`` ("torch" or "triton"), None if it has none here."""
     if backend == "torch":
         return _TORCH_PAIR
     if backend != "triton":
@@ -189,7 +91,7 @@ def attention_pair(backend: str) -> Optional[AttentionPair]:
     try:
         from .kernels.attention import op
     except ImportError as exc:
-        log.debug("triton attention unavailable for the custom op (%s)", exc)
+        log.debug("triton attention unavailable (%s)", exc)
         return None
     names = ("adasplash_triton_forward", "adasplash_triton_backward", "adasplash_triton_residuals")
     if not all(hasattr(op, name) for name in names):
@@ -197,13 +99,8 @@ def attention_pair(backend: str) -> Optional[AttentionPair]:
     return AttentionPair(*(getattr(op, name) for name in names))
 
 
-@_constant_result
-def has_attention_op(backend: str) -> bool:
-    """Whether the attention custom op can run ``backend`` (the torch backend always can)."""
-    return attention_pair(backend) is not None
-
-
-def _pair(backend: str) -> AttentionPair:
+def require_attention_pair(backend: str) -> AttentionPair:
+    """``attention_pair(backend)``, or ValueError when it has none here."""
     pair = attention_pair(backend)
     if pair is None:
         raise ValueError(
@@ -213,153 +110,132 @@ def _pair(backend: str) -> AttentionPair:
     return pair
 
 
-# --------------------------------------------------------------------------- attention op
+@dataclass(frozen=True)
+class EntmaxPair:
+    """``forward(x, alpha, config) -> y`` and ``backward(y, grad, alpha, config) -> dx`` on 2-D rows."""
+
+    forward: Callable[[Tensor, float, Config], Tensor]
+    backward: Callable[[Tensor, Tensor, float, Config], Tensor]
 
 
-@torch.library.custom_op(f"{_NS}::attention_forward", mutates_args=())
-def _attention_forward(q: Tensor, k: Tensor, v: Tensor, varlen: Optional[Tensor], alpha: Tensor,
-                       is_causal: bool, scale: float, niter: int, backend: str, config: str) -> list[Tensor]:
-    a = float(alpha.item())
-    cfg = _attention_config(q, k, varlen, a, is_causal, niter, backend, config)
-    out, residuals = _pair(backend).forward(q, k, v, a, is_causal, varlen, scale, cfg)
-    return [out.contiguous(), *(r.contiguous() for r in residuals)]
-
-
-@_attention_forward.register_fake
-def _(q, k, v, varlen, alpha, is_causal, scale, niter, backend, config):
-    residuals = _pair(backend).residuals(q, k, v, _parse_or_none(config))
-    return [q.new_empty(q.shape), *(q.new_empty(shape, dtype=dtype) for shape, dtype in residuals)]
-
-
-@torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
-def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, varlen: Optional[Tensor],
-                        out: Tensor, residuals: list[Tensor], alpha: Tensor, is_causal: bool, scale: float,
-                        niter: int, backend: str, config: str) -> tuple[Tensor, Tensor, Tensor]:
-    a = float(alpha.item())
-    cfg = _attention_config(q, k, varlen, a, is_causal, niter, backend, config)
-    dq, dk, dv = _pair(backend).backward(grad_out, q, k, v, out, residuals, a, is_causal, varlen, scale, cfg)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_attention_backward.register_fake
-def _(grad_out, q, k, v, varlen, out, residuals, alpha, is_causal, scale, niter, backend, config):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-@torch.library.custom_op(f"{_NS}::attention_alpha_backward", mutates_args=())
-def _attention_alpha_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, varlen: Optional[Tensor],
-                              alpha: Tensor, is_causal: bool, scale: float, niter: int) -> Tensor:
-    from .kernels.torch_backend.alpha_grad import attention_alpha_grad
-
-    grad = attention_alpha_grad(grad_out, q, k, v, float(alpha.item()), is_causal, varlen, scale,
-                                niter=max(niter, 30))
-    return grad.to(device=alpha.device, dtype=alpha.dtype).reshape(alpha.shape)
-
-
-@_attention_alpha_backward.register_fake
-def _(grad_out, q, k, v, varlen, alpha, is_causal, scale, niter):
-    return alpha.new_empty(alpha.shape)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, varlen, alpha, is_causal, scale, niter, backend, config = inputs
-    out, *residuals = output
-    ctx.mark_non_differentiable(*residuals)
-    ctx.save_for_backward(q, k, v, varlen, alpha, out, *residuals)
-    ctx.args = (is_causal, scale, niter, backend, config)
-
-
-def _attention_grad(ctx, grads):
-    q, k, v, varlen, alpha, out, *residuals = ctx.saved_tensors
-    is_causal, scale, niter, backend, config = ctx.args
-    grad_out = grads[0]
-    dq = dk = dv = dalpha = None
-    if any(ctx.needs_input_grad[:3]):
-        dq, dk, dv = _attention_backward(grad_out, q, k, v, varlen, out, residuals, alpha, is_causal, scale,
-                                         niter, backend, config)
-    if ctx.needs_input_grad[4]:
-        dalpha = _attention_alpha_backward(grad_out, q, k, v, varlen, alpha, is_causal, scale, niter)
-    return dq, dk, dv, None, dalpha, None, None, None, None, None
-
-
-torch.library.register_autograd(f"{_NS}::attention_forward", _attention_grad, setup_context=_attention_setup)
-
-
-def adasplash_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    alpha: float | Tensor,
-    is_causal: bool,
-    varlen: Optional[Tensor],
-    scale: float,
-    backend: str,
-    config: str = "",
-    niter: int | None = None,
-) -> Tensor:
-    """alpha-entmax attention through the custom op (inputs already validated by the API).
-
-    ``alpha``: a float, or a 0-d tensor (differentiable: a learnable alpha). ``config``: JSON from
-    :func:`config_json`, or "" to select at run time. ``niter`` overrides the config's.
-    """
-    if not isinstance(alpha, Tensor):
-        alpha = torch.tensor(float(alpha), dtype=torch.float64)
-    return _attention_forward(q, k, v, varlen, alpha, bool(is_causal), float(scale), int(niter or 0), backend,
-                              config)[0]
-
-
-# --------------------------------------------------------------------------- entmax op
-
-
-def _entmax_impl(backend: str):
+@functools.lru_cache(maxsize=None)
+def entmax_pair(backend: str) -> EntmaxPair:
+    """The entmax forward/backward of ``backend`` ("torch" or "triton"; the latter imports triton)."""
     if backend == "torch":
-        from .kernels.torch_backend.entmax import entmax_torch_backward, entmax_torch_forward
-
-        return entmax_torch_forward, entmax_torch_backward
+        return EntmaxPair(entmax_torch_forward, entmax_torch_backward)
     if backend == "triton":
         from .kernels.entmax import entmax_backward, entmax_forward
 
-        return entmax_forward, entmax_backward
+        return EntmaxPair(entmax_forward, entmax_backward)
     raise ValueError(f"unknown backend {backend!r}; choose 'triton' or 'torch'")
 
 
-@torch.library.custom_op(f"{_NS}::entmax_forward", mutates_args=())
-def _entmax_forward(x: Tensor, alpha: float, niter: int, backend: str, config: str) -> Tensor:
-    forward, _ = _entmax_impl(backend)
-    return forward(x, alpha, _entmax_config(x, alpha, niter, backend, config)).contiguous()
+# --------------------------------------------------------------------------- shared checks
 
 
-@_entmax_forward.register_fake
-def _(x, alpha, niter, backend, config):
-    return x.new_empty(x.shape)
+def check_varlen_values(varlen: Tensor, n: int) -> None:
+    """ValueError unless every length in ``varlen`` is in [0, n].
+
+    Reading the values of a GPU tensor synchronises with the device, so they are checked for CPU
+    tensors always and for other devices only under ``ADASPLASH_TUNE_CHECK_VARLEN=1``; unchecked,
+    a length outside [0, n] acts as its nearest bound (clamped)."""
+    if varlen.device.type != "cpu" and os.environ.get(ENV_CHECK_VARLEN, "0") in ("", "0"):
+        return
+    if varlen.numel() == 0:
+        return
+    low, high = (int(t) for t in torch.aminmax(varlen))
+    if low < 0 or high > n:
+        raise ValueError(f"varlen values must be valid lengths in [0, {n}] (the sequence length), "
+                         f"got values from {low} to {high}")
 
 
-@torch.library.custom_op(f"{_NS}::entmax_backward", mutates_args=())
-def _entmax_backward(y: Tensor, grad: Tensor, alpha: float, niter: int, backend: str, config: str) -> Tensor:
-    _, backward = _entmax_impl(backend)
-    cfg = _entmax_config(y, alpha, niter, backend, config)
-    return backward(y, grad.to(y.dtype).contiguous(), alpha, cfg).contiguous()
+def check_alpha_value(alpha: float) -> float:
+    if not 1.0 < alpha <= 2.0:
+        raise ValueError(f"alpha must be in (1, 2], got {alpha}")
+    return alpha
 
 
-@_entmax_backward.register_fake
-def _(y, grad, alpha, niter, backend, config):
-    return y.new_empty(y.shape)
+def alpha_gradient(grad_out, q, k, v, alpha: float, is_causal, varlen, scale, niter: int,
+                    like: Tensor) -> Tensor:
+    """d(sum(grad_out * out)) / d alpha in ``like``'s shape, dtype and device."""
+    grad = attention_alpha_grad(grad_out, q, k, v, alpha, is_causal, varlen, scale,
+                                niter=max(niter, _ALPHA_GRAD_MIN_NITER))
+    return grad.to(device=like.device, dtype=like.dtype).reshape(like.shape)
 
 
-def _entmax_setup(ctx, inputs, output):
-    _, alpha, niter, backend, config = inputs
-    ctx.save_for_backward(output)
-    ctx.args = (alpha, niter, backend, config)
+# --------------------------------------------------------------------------- eager attention
 
 
-def _entmax_grad(ctx, grad):
-    (y,) = ctx.saved_tensors
-    return _entmax_backward(y, grad, *ctx.args), None, None, None, None
+class _Attention(torch.autograd.Function):
+    """Eager autograd around a backend pair (inputs: q, k, v, alpha tensor or None, then plain data)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha_tensor, pair, alpha, is_causal, varlen, scale, config, niter):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        need_qkv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        out, residuals = pair.forward(q, k, v, alpha, is_causal, varlen, scale, config, need_residuals=need_qkv)
+        ctx.save_for_backward(q, k, v, varlen, out, *residuals)
+        ctx.call = (pair, alpha, is_causal, scale, config, niter, alpha_tensor)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        dq = dk = dv = dalpha = None
+        if grad_out is not None:
+            q, k, v, varlen, out, *residuals = ctx.saved_tensors
+            pair, alpha, is_causal, scale, config, niter, alpha_tensor = ctx.call
+            needs = tuple(ctx.needs_input_grad[:3])
+            if any(needs):
+                dq, dk, dv = pair.backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale,
+                                           config, needs=needs)
+            if ctx.needs_input_grad[3]:
+                dalpha = alpha_gradient(grad_out, q, k, v, alpha, is_causal, varlen, scale, niter or 0,
+                                         alpha_tensor)
+        return dq, dk, dv, dalpha, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(f"{_NS}::entmax_forward", _entmax_grad, setup_context=_entmax_setup)
+def attention(q: Tensor, k: Tensor, v: Tensor, alpha: float, alpha_tensor: Optional[Tensor], is_causal: bool,
+              varlen: Optional[Tensor], scale: float, backend: str, config: Config,
+              niter: Optional[int] = None) -> Tensor:
+    """alpha-entmax attention, eagerly, with the validated ``config`` (niter already applied).
+
+    ``alpha_tensor``: the 0-d tensor ``alpha`` came from when it needs a gradient, else None.
+    ``niter``: the call's explicit override (the alpha gradient solves with at least 30)."""
+    pair = require_attention_pair(backend)
+    if varlen is not None:
+        check_varlen_values(varlen, q.shape[2])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or alpha_tensor is not None):
+        return _Attention.apply(q, k, v, alpha_tensor, pair, alpha, is_causal, varlen, scale, config, niter)
+    return pair.forward(q, k, v, alpha, is_causal, varlen, scale, config, need_residuals=False)[0]
 
 
-def entmax_op(x: Tensor, alpha: float, backend: str, config: str = "", niter: int | None = None) -> Tensor:
-    """alpha-entmax over the last dim of 2-D ``x`` through the custom op (input validated by the API)."""
-    return _entmax_forward(x.contiguous(), float(alpha), int(niter or 0), backend, config)
+# --------------------------------------------------------------------------- eager entmax
+
+
+class _Entmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pair, alpha, config):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        y = pair.forward(x, alpha, config)
+        ctx.save_for_backward(y)
+        ctx.call = (pair, alpha, config)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        if grad is None:
+            return None, None, None, None
+        (y,) = ctx.saved_tensors
+        pair, alpha, config = ctx.call
+        return pair.backward(y, grad, alpha, config), None, None, None
+
+
+def entmax(x: Tensor, alpha: float, backend: str, config: Config) -> Tensor:
+    """alpha-entmax over the last dim of 2-D ``x``, eagerly, with the validated ``config``."""
+    pair = entmax_pair(backend)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Entmax.apply(x, pair, alpha, config)
+    return pair.forward(x, alpha, config)

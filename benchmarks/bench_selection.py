@@ -105,7 +105,7 @@ def main() -> int:
     os.environ.pop("ADASPLASH_TUNE_MODE", None)
 
     import adasplash_tune
-    from adasplash_tune import api
+    from adasplash_tune import api, selection
     from adasplash_tune.cache import loader, locations
     from adasplash_tune.kernels.registry import get_spec
 
@@ -141,10 +141,10 @@ def main() -> int:
     loader.resolve(spec, key, cpu)
     warm = {
         "adasplash_call_selection": _per_call_us(
-            lambda: api._attention_selection(q, k, 1.5, True, None, "torch", None),
+            lambda: selection.attention_selection(q, k, 1.5, True, False, "torch"),
             args.calls, args.repeats),
         "entmax_call_selection": _per_call_us(
-            lambda: api._entmax_selection(x, 1.5, 1, "torch", None), args.calls, args.repeats),
+            lambda: selection.entmax_selection(x, 1.5, 1, "torch"), args.calls, args.repeats),
         "select_adasplash_public": _per_call_us(
             lambda: adasplash_tune.select("adasplash", q, k, k, alpha=1.5, is_causal=True,
                                           backend="torch"),

@@ -103,6 +103,10 @@ BAD_ATTENTION = {
     "varlen-bool": _bad(lambda a: a.update(varlen=torch.tensor([True, False])), TypeError,
                         r"varlen must be an integer tensor"),
     "varlen-list": _bad(lambda a: a.update(varlen=[3, 4]), TypeError, r"varlen must be an integer tensor"),
+    "varlen-negative": _bad(lambda a: a.update(varlen=torch.tensor([-1, 4])), ValueError,
+                            r"varlen values must be valid lengths in \[0, 9\].*from -1 to 4"),
+    "varlen-too-long": _bad(lambda a: a.update(varlen=torch.tensor([9, 10], dtype=torch.int32)), ValueError,
+                            r"varlen values must be valid lengths in \[0, 9\].*from 9 to 10"),
     "varlen-device": _bad(lambda a: a.update(varlen=torch.tensor([3, 4], device="meta")), ValueError,
                           r"varlen is on meta"),
     "niter-0": _bad(lambda a: a.update(niter=0), ValueError, r"niter must be in 1\.\.\d+, got 0"),
@@ -123,6 +127,10 @@ BAD_ATTENTION = {
     "config-out-of-domain": _bad(lambda a: a.update(config={"q_chunk": 17}), ConfigError,
                                  r"config field 'q_chunk': 17 is not an allowed value"),
     "config-wrong-value-type": _bad(lambda a: a.update(config={"niter": "8"}), ConfigError, r"config field 'niter'"),
+    "config-bool-for-int": _bad(lambda a: a.update(config={"niter": True, "q_chunk": 16}), ConfigError,
+                                r"config field 'niter': True is not an allowed value"),
+    "is-causal-int": _bad(lambda a: a.update(is_causal=1), TypeError, r"is_causal must be a bool, got int"),
+    "niter-float-2": _bad(lambda a: a.update(niter=1.0), TypeError, r"niter must be an int"),
     "config-not-a-mapping": _bad(lambda a: a.update(config=[("q_chunk", 64)]), TypeError,
                                  r"config must be a mapping or a Config, got list"),
     "config-of-entmax": _bad(lambda a: a.update(config=get_spec("entmax", "torch").default()), ConfigError,
@@ -132,17 +140,81 @@ BAD_ATTENTION = {
 }
 
 
+#: Valid calls close to the bad ones (True vs 1, 2 vs 2.0, ...): run first, they fill the call memo,
+#: which must never let a bad call through.
+NEIGHBOURS = {"is_causal": True, "niter": 1, "scale": 2.0, "varlen": torch.tensor([3, 4]),
+              "config": {"niter": 1, "q_chunk": 16}, "alpha": 2.0}
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-valid-neighbours"])
 @pytest.mark.parametrize("case", sorted(BAD_ATTENTION))
-def test_adasplash_bad_input_is_named(case: str) -> None:
+def test_adasplash_bad_input_is_named(case: str, warm: bool) -> None:
     change, exc, match = BAD_ATTENTION[case]
     q, k, v = _qkv()
     call = {"q": q, "k": k, "v": v, "alpha": 1.5, "is_causal": False, "varlen": None, "niter": None,
             "scale": None, "backend": "torch", "config": None}
+    if warm:
+        adasplash(**call)
+        for name, value in NEIGHBOURS.items():
+            adasplash(**dict(call, **{name: value}))
     change(call)
     with pytest.raises(exc, match=match):
         adasplash(**call)
     with pytest.raises(exc, match=match):  # select validates the same way and explains nothing bad
         select("adasplash", **call)
+
+
+def test_varlen_values_are_checked_on_every_call() -> None:
+    """The memo skips re-validating a known signature, never the lengths' values (CPU tensors)."""
+    q, k, v = _qkv()
+    out = adasplash(q, k, v, varlen=torch.tensor([0, 9]), backend="torch")  # both ends are valid lengths
+    assert not out[0].any() and relative_error(out[1], attention_reference(q, k, v)[1]) <= tolerance(torch.float32)
+    with pytest.raises(ValueError, match=r"varlen values must be valid lengths in \[0, 9\]"):
+        adasplash(q, k, v, varlen=torch.tensor([5, 12]), backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.bfloat16)])
+def test_gpu_varlen_values_are_checked_on_request(monkeypatch, backend, dtype) -> None:
+    """Reading a GPU tensor's values synchronises: unchecked by default (a length past N acts as N),
+    checked under ADASPLASH_TUNE_CHECK_VARLEN=1."""
+    monkeypatch.delenv("ADASPLASH_TUNE_CHECK_VARLEN", raising=False)
+    q, k, v = (t.to("cuda", dtype) for t in _qkv())
+    bad, clamped = (torch.tensor(lengths, device="cuda") for lengths in ([3, 12], [3, 9]))
+    out = adasplash(q, k, v, varlen=bad, backend=backend)
+    assert torch.equal(out, adasplash(q, k, v, varlen=clamped, backend=backend))
+    monkeypatch.setenv("ADASPLASH_TUNE_CHECK_VARLEN", "1")
+    with pytest.raises(ValueError, match=r"varlen values must be valid lengths in \[0, 9\]"):
+        adasplash(q, k, v, varlen=bad, backend=backend)
+
+
+def test_a_differentiable_alpha_tensor_gets_its_gradient_and_a_detached_one_none() -> None:
+    q, k, v = _qkv(n=12, seed=11)
+    alpha = torch.tensor(1.4, requires_grad=True)
+    adasplash(q, k, v, alpha, backend="torch").square().sum().backward()
+    assert alpha.grad is not None and alpha.grad.shape == () and alpha.grad.item() != 0.0
+    with torch.no_grad():  # no graph: the alpha is only read
+        out = adasplash(q, k, v, alpha, backend="torch")
+    assert out.grad_fn is None
+    assert relative_error(out, attention_reference(q, k, v, 1.4)) <= tolerance(torch.float32)
+
+
+def test_entmax_refuses_an_alpha_that_needs_a_gradient() -> None:
+    x = torch.randn(3, 40)
+    with pytest.raises(ValueError, match=r"entmax has no gradient w\.r\.t\. alpha.*detach"):
+        entmax(x, torch.tensor(1.5, requires_grad=True), backend="torch")
+    out = entmax(x, torch.tensor(1.5, requires_grad=True).detach(), backend="torch")
+    assert relative_error(out, entmax_reference(x, 1.5)) <= tolerance(torch.float32)
+
+
+def test_with_several_bad_inputs_the_first_in_the_documented_order_is_named() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q must be a torch\.Tensor"):
+        adasplash(q.tolist(), k, v, alpha=5.0)
+    with pytest.raises(ValueError, match=r"head dim must be in"):
+        adasplash(*_qkv(dim=8), alpha=torch.tensor(7.0))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        entmax([1.0, 2.0], torch.tensor(1.5, requires_grad=True))
 
 
 def test_config_errors_are_value_errors() -> None:

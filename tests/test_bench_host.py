@@ -1,0 +1,36 @@
+"""benchmarks/bench_host.py runs end to end in its reduced CPU mode (torch backend, tiny shapes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_host_quick_run_on_cpu(tmp_path):
+    out = tmp_path / "host.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the reduced mode, even on a GPU machine
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--quick", "--calls", "2",
+                           "--repeats", "2", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    host = report["host"]
+    assert host["backend"] == "torch"
+    for case in ("forward", "forward_backward", "entmax"):
+        for method in ("adasplash", "sdpa", "backend_alone", "null_backend"):
+            assert host[case][method]["host_us"] > 0
+    assert {(r["method"], r["seq_len"]) for r in report["train"]} == {("adasplash", 32), ("sdpa", 32)}
+    assert all(r["step_ms"] > 0 for r in report["train"])
+    (case,) = report["first-call"]["cases"]
+    assert case["warm"]["source"] == "cache" and case["warm"]["first_call_s"] > 0
+    assert "torch._dynamo" not in case["warm"]["heavy_modules_after_first_call"]
+    assert report["first-call"]["import"]["import_package_beyond_torch_s"] > 0
+    assert "needs CUDA" in report["memory"]["skipped"]
+    assert "host time per call" in done.stdout and "training step" in done.stdout
