@@ -137,7 +137,8 @@ def _attention_forward_impl(q, k, v, varlen, alpha, is_causal, scale, niter, bac
         ops.check_varlen_values(varlen, q.shape[2])
     pair = ops.require_attention_pair(backend)
     cfg = _attention_config(q, k, varlen, a, is_causal, niter, backend, config)
-    out, residuals = pair.forward(q, k, v, a, is_causal, varlen, scale, cfg, need_residuals=need_residuals)
+    out, residuals = pair.forward(q, k, v, a, is_causal, varlen, scale, cfg, need_residuals=need_residuals,
+                                  fixed_residuals=not config)
     if need_residuals and not config:
         _check_residuals(residuals, pair.residuals(q, k, v, None), backend)
     return [out.contiguous(), *(r.contiguous() for r in residuals)]

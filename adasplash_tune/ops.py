@@ -49,8 +49,10 @@ _ALPHA_GRAD_MIN_NITER = 30
 class AttentionPair:
     """How one backend plugs into the attention ops.
 
-    ``forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals=True)
-    -> (out, residuals)`` (no residuals without ``need_residuals``);
+    ``forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals=True,
+    fixed_residuals=False) -> (out, residuals)`` (no residuals without ``need_residuals``; with
+    ``fixed_residuals`` they have the config-free shapes ``residuals(q, k, v, None)`` declares, for
+    compiled graphs that select their config at run time);
     ``backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale, config, *,
     needs=(True, True, True)) -> (dq, dk, dv)``, None for a gradient ``needs`` does not ask for;
     ``residuals(q, k, v, config) -> [(shape, dtype), ...]`` describes the residual tensors for
@@ -63,7 +65,8 @@ class AttentionPair:
     residuals: Callable[..., list[tuple[tuple[int, ...], torch.dtype]]]
 
 
-def _torch_forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals: bool = True):
+def _torch_forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals: bool = True,
+                   fixed_residuals: bool = False):
     out, stats = adasplash_torch_forward(q, k, v, alpha, is_causal, varlen, scale, config)
     return out, ([stats] if need_residuals else [])
 

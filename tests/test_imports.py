@@ -71,8 +71,6 @@ def test_no_sqlalchemy_after_import(fresh_process):
     assert "sqlalchemy" not in fresh_process["after_import"]
 
 
-@pytest.mark.xfail(strict=True, reason="the call-time loader still opens caches through SQLAlchemy; "
-                   "issue 16's sqlite3 loader (branch h16cache) removes it -- then drop this mark")
 def test_no_sqlalchemy_after_eager_calls(fresh_process):
     assert "sqlalchemy" not in fresh_process["after_calls"]
 

@@ -175,6 +175,16 @@ def test_custom_op_pair_matches_autograd_function(triton_device):
     assert torch.equal(out2, out.detach())
     for a, b in zip(got, want):
         assert relative_error(a, b) <= 1e-6
+    # the config-free layout a compiled graph that selects at run time is traced with
+    for name in ("mixed", "subset"):
+        cfg = TRITON.validate(CONFIGS[name])
+        with torch.no_grad():
+            out3, fixed = op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, 0.2, cfg, fixed_residuals=True)
+            assert [(tuple(r.shape), r.dtype) for r in fixed] == op.adasplash_triton_residuals(q, k, v, None)
+            got = op.adasplash_triton_backward(grad, q, k, v, out3, fixed, alpha, causal, varlen, 0.2, cfg)
+        ref = attention_reference(q, k, v, alpha, causal, varlen, scale=0.2)
+        for a, b in zip(got, torch.autograd.grad(ref, (q, k, v), grad)):
+            assert relative_error(a, b) <= tolerance(torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("init", ["subset", "lo"])

@@ -176,22 +176,29 @@ def _interpreter_bf16(q: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- custom-op pair
 
 
+_MIN_MASK_TILE = 16
+
+
 def adasplash_triton_residuals(q, k, v, config=None) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of the residuals :func:`adasplash_triton_forward` returns for ``config``
-    (None: the built-in default's)."""
+    """Shapes and dtypes of the residuals :func:`adasplash_triton_forward` returns for ``config``:
+    ``stats`` (2, B*Hq, N) float32, the block mask (B*Hq, TM, TN) int8 and, in the fused backward
+    mode, O2 in q's shape. ``config=None``: the config-free layout of ``fixed_residuals`` (the mask
+    flat at the finest mask tile's size, O2 always), valid whatever config runs."""
     batch, heads, n, d = q.shape
-    cfg = TRITON.default() if config is None else config
-    tm, tn = triton.cdiv(n, cfg["mask_m"]), triton.cdiv(n, cfg["mask_n"])
-    shapes = [((2, batch * heads, n), torch.float32), ((batch * heads, tm, tn), torch.int8)]
-    if cfg["bwd_mode"] == "fused":
-        shapes.append((tuple(q.shape), _compute_dtype(q, q, q)[0].dtype))
-    return shapes
+    rows, o2 = batch * heads, (tuple(q.shape), _compute_dtype(q, q, q)[0].dtype)
+    if config is None:
+        side = triton.cdiv(n, _MIN_MASK_TILE)
+        return [((2, rows, n), torch.float32), ((rows * side * side,), torch.int8), o2]
+    tm, tn = triton.cdiv(n, config["mask_m"]), triton.cdiv(n, config["mask_n"])
+    return [((2, rows, n), torch.float32), ((rows, tm, tn), torch.int8)] + (
+        [o2] if config["bwd_mode"] == "fused" else [])
 
 
-def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *,
-                             need_residuals: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals: bool = True,
+                             fixed_residuals: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward of the pair: (out, [stats, mask] (+ [O2] in the fused backward mode)), or (out, [])
-    without ``need_residuals``."""
+    without ``need_residuals``; with ``fixed_residuals`` in the config-free layout of
+    ``adasplash_triton_residuals(q, k, v, None)``."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     out, stats, mask, o2 = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
@@ -199,6 +206,13 @@ def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *
     out = out.to(q.dtype)
     if not need_residuals:
         return out, []
+    if fixed_residuals:
+        _, ((size,), _), (o2_shape, o2_dtype) = adasplash_triton_residuals(q, k, v, None)
+        flat = torch.empty(size, dtype=torch.int8, device=q.device)
+        flat[: mask.numel()].copy_(mask.view(-1))
+        if o2 is None:
+            o2 = torch.empty(o2_shape, dtype=o2_dtype, device=q.device)
+        return out, [stats, flat, o2]
     return out, [stats, mask] + ([o2] if o2 is not None else [])
 
 
@@ -210,6 +224,11 @@ def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     stats, mask, *rest = residuals
+    if mask.dim() == 1:  # the config-free layout: the block mask is the buffer's leading part
+        geo = Geometry.of(qc, kc)
+        shape = (geo.rows, *mask_shape(geo, cfg))
+        mask = mask[: shape[0] * shape[1] * shape[2]].view(shape)
+        rest = rest if cfg["bwd_mode"] == "fused" else []
     dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
                            float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2])
     return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
