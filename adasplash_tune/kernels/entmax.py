@@ -396,7 +396,9 @@ def resolve_tol(tol: Any, dtype: torch.dtype, alpha: float) -> float:
     return TOL_AUTO[("float32" if dtype == torch.float32 else "16bit", kind)]
 
 
+@functools.cache
 def _interpreted() -> bool:
+    """Triton decides interpreter or compiler when a kernel is decorated, so this is read once."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
