@@ -268,6 +268,37 @@ def test_backward_weight_is_p_to_the_2_minus_alpha(triton_device, alpha):
     assert torch.max(torch.abs(got[1:] / want[1:] - 1.0)) <= (1e-6 if integer_b(alpha) else 1e-5)
 
 
+@triton.jit
+def _step_kernel(T, LO, HI, S0, S1, S2, OUT, b_exp, B_INT: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    ld = [tl.load(ptr + offs) for ptr in (T, LO, HI, S0, S1, S2)]
+    new, _, _, step = triton_entmax_module._norm_step(ld[0], ld[1], ld[2], ld[3], ld[4], ld[5], b_exp, B_INT)
+    tl.store(OUT + offs, new)
+    tl.store(OUT + N + offs, step)
+
+
+@pytest.mark.parametrize("alpha", (1.9, 1.5))
+def test_step_measure_is_not_fooled_by_a_huge_second_derivative(triton_device, alpha):
+    """Right of the root (mass 0.5 < 1) with a score just above tau, f'' (sum u^(b-2), b < 2) is
+    huge and shrinks the Halley step to almost nothing; the step measure that decides the early
+    exit is still at least the Newton distance |phi - 1| / |phi'|, so the sweep goes on."""
+    b = 1.0 / (alpha - 1.0)
+    n = 16
+    s0, s1 = torch.full((n,), 0.5), torch.full((n,), 1.0)
+    s2 = torch.logspace(0, 15, n)
+    tau, lo, hi = torch.full((n,), -0.1), torch.full((n,), -1.0), torch.full((n,), -0.001)
+    out = torch.empty(2 * n)
+    args = [t.to(triton_device) for t in (tau, lo, hi, s0, s1, s2, out)]
+    _step_kernel[(1,)](*args, b, B_INT=integer_b(alpha), N=n)
+    new, step = args[-1].cpu()[:n], args[-1].cpu()[n:]
+    q = 0.5 ** (1.0 / b)
+    newton = (1.0 - q) * 0.5 / (q * 1.0)
+    assert torch.all(new <= tau) and torch.all(new >= lo)  # moves left (or not at all), inside
+    assert torch.all(step >= newton * (1 - 1e-6))
+    if alpha == 1.9:
+        assert float(tau[-1] - new[-1]) < 1e-3 * newton  # the Halley step itself is tiny there
+
+
 def test_triton_fused_reduction_path(triton_device, monkeypatch):
     """The tuple reductions used on GPUs (the interpreter normally takes plain tl.sum)."""
     if triton_device == "cpu":
