@@ -162,10 +162,22 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     lists = tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False)
     res["fwd_ms"] = ms(lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg,
                                               need_stats=False))
+    if cfg["bwd_mode"] == "fused" and with_bwd:  # the training forward keeps O2 too
+        res["fwd_train_ms"] = ms(lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg,
+                                                        need_stats=True, need_o2=True))
     if not with_bwd:
         return res
-    _, inv_l = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True)
+    fused = cfg["bwd_mode"] == "fused"
+    _, inv_l, o2 = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True,
+                                  need_o2=fused)
     kv_tile = (cfg["bwd_block_m"], cfg["bwd_block_n"])
+    if fused:  # one kernel: dK, dV and dQ (atomics); reported under bwd_kv_ms
+        lkv = tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
+        res["lists_bwd_ms"] = ms(lambda: tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True))
+        res["bwd_q_ms"] = 0.0
+        res["bwd_kv_ms"] = ms(lambda: bw.sparse_backward_fused(q, k, v, grad, o2, tau, inv_l, lkv, None, alpha,
+                                                               scale, causal, cfg))
+        return res
     q_tile = (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"])
     res["lists_bwd_ms"] = ms(lambda: (tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True),
                                       tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)))
