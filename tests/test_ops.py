@@ -157,9 +157,10 @@ class _SpyPair:
         self.forwards, self.backwards = [], []
         self.pair = ops.AttentionPair(self._forward, self._backward, ops.attention_pair("torch").residuals)
 
-    def _forward(self, *args, need_residuals=True):
+    def _forward(self, *args, need_residuals=True, fixed_residuals=False):
         self.forwards.append(need_residuals)
-        return ops.attention_pair("torch").forward(*args, need_residuals=need_residuals)
+        return ops.attention_pair("torch").forward(*args, need_residuals=need_residuals,
+                                                   fixed_residuals=fixed_residuals)
 
     def _backward(self, *args, needs=(True, True, True)):
         self.backwards.append(tuple(needs))
@@ -404,8 +405,8 @@ def test_a_pair_that_breaks_the_config_free_residual_shapes_is_named(monkeypatch
     """A compiled graph that selects when it runs was traced with residuals(q, k, v, None)."""
     torch_pair = ops.attention_pair("torch")
 
-    def forward(*args, need_residuals=True):
-        out, residuals = torch_pair.forward(*args, need_residuals=need_residuals)
+    def forward(*args, need_residuals=True, fixed_residuals=False):
+        out, residuals = torch_pair.forward(*args, need_residuals=need_residuals, fixed_residuals=fixed_residuals)
         return out, [r[:, :, :1] for r in residuals]
 
     monkeypatch.setattr(ops, "require_attention_pair",
