@@ -62,9 +62,9 @@ _TRITON_PARAMS = (
           "chunk bounds behind the block mask from the dense pass only (against the running max) "
           "or made exact by every sweep that visits the chunk (tighter mask, one more reduction "
           "per visited score)"),
-    Param("fwd_block_m", TILES, 128),
+    Param("fwd_block_m", TILES, 64),
     Param("fwd_block_n", TILES, 64),
-    Param("fwd_warps", (2, 4, 8), 8),
+    Param("fwd_warps", (2, 4, 8), 4),
     Param("fwd_stages", (1, 2, 3, 4), 3),
     Param("bwd_mode", ("split", "fused"), "split",
           "split: a dQ kernel (which finds delta on the way) then a dK/dV kernel, eight products per "
