@@ -151,50 +151,13 @@ def _density(q, k, v, alpha, causal, cfg) -> dict[str, float]:
 
 
 def _stage_times(q, k, v, alpha, causal, cfg, ms) -> dict[str, float]:
-    """Each stage of ours alone, and variants that bound the tau stage."""
+    """Each stage of ours alone (benchmarks/bench_stages.py), with the tau kernel's counters."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_stages import stage_times
+
     import torch
 
-    from adasplash_tune.kernels.attention import backward as bw
-    from adasplash_tune.kernels.attention import op
-    from adasplash_tune.kernels.attention.common import Geometry
-    from adasplash_tune.kernels.attention.forward import sparse_forward
-    from adasplash_tune.kernels.attention.mask import tile_lists
-    from adasplash_tune.kernels.attention.tau import solve_tau
-
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    geo = Geometry.of(q, k)
-    mask = op._new_mask(geo, cfg, q.device)
-    res: dict[str, float] = {}
-    res["mask_zero"] = ms(lambda: op._new_mask(geo, cfg, q.device))
-    res["tau"] = ms(lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask))
-    for n in (1, 2, 3):
-        fixed = cfg.replace(niter=n, tau_tol=0.0)
-        res[f"tau_niter{n}_fixed"] = ms(lambda fixed=fixed: solve_tau(q, k, None, alpha, scale, causal, fixed, mask))
-    tau = solve_tau(q, k, None, alpha, scale, causal, cfg, mask)
-    tile = (cfg["mask_m"], cfg["mask_n"])
-    res["lists_fwd"] = ms(lambda: tile_lists(mask, geo, None, causal, tile, (cfg["fwd_block_m"], cfg["fwd_block_n"]),
-                                             transposed=False))
-    lists = tile_lists(mask, geo, None, causal, tile, (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)
-    res["fwd"] = ms(lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=False))
-    dense = torch.ones_like(mask)
-    dense_lists = tile_lists(dense, geo, None, causal, tile, (cfg["fwd_block_m"], cfg["fwd_block_n"]),
-                             transposed=False)
-    res["fwd_all_tiles"] = ms(lambda: sparse_forward(q, k, v, tau, dense_lists, None, alpha, scale, causal, cfg,
-                                                     need_stats=False))
-    _, inv_l = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True)
-    do = torch.randn_like(q)
-    kv_tile = (cfg["bwd_block_m"], cfg["bwd_block_n"])
-    q_tile = (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"])
-    res["lists_bwd"] = ms(lambda: (tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True),
-                                   tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)))
-    lkv = tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
-    lq = tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)
-    res["bwd_q"] = ms(lambda: bw.sparse_backward_q(q, k, v, do, tau, inv_l, lq, None, alpha, scale, causal, cfg))
-    _, delta = bw.sparse_backward_q(q, k, v, do, tau, inv_l, lq, None, alpha, scale, causal, cfg)
-    res["bwd_kv"] = ms(lambda: bw.sparse_backward_kv(q, k, v, do, tau, inv_l, delta, lkv, None, alpha, scale, causal, cfg))
-    sweeps = cfg.replace(mask_source="sweeps")
-    res["tau_mask_sweeps"] = ms(lambda: solve_tau(q, k, None, alpha, scale, causal, sweeps, mask))
-    return {k: round(v, 4) for k, v in res.items()}
+    return stage_times(q, k, v, torch.randn_like(q), alpha, causal, cfg, ms, True)
 
 
 def _bench_one(impl, shape, causal, tensors, args, ms, device, cfg, detail: bool = True) -> dict[str, Any]:
@@ -236,7 +199,7 @@ def _bench_one(impl, shape, causal, tensors, args, ms, device, cfg, detail: bool
         if impl == "ours" and detail:
             row.update({k: round(d, 4) for k, d in _density(q, k, v, args.alpha, causal, cfg).items()})
             if args.stages:
-                row["stages_ms"] = _stage_times(q, k, v, args.alpha, causal, cfg, ms)
+                row["stages"] = _stage_times(q, k, v, args.alpha, causal, cfg, ms)
     except Exception as exc:  # noqa: BLE001 - one failing implementation must not end the run
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return row
