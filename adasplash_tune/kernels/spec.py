@@ -10,6 +10,7 @@ that round-trips through JSON. It is never pickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -223,15 +224,9 @@ class KernelSpec:
                 yield self._make(values)
 
     def source_hash(self) -> str:
-        """A short hash of the source files that implement this kernel (stale-entry detection)."""
-        digest = hashlib.sha256(f"{self.kernel}/{self.backend}".encode())
-        for rel in self.sources:
-            path = _PACKAGE_ROOT / rel
-            files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-            for file in files:
-                digest.update(str(file.relative_to(_PACKAGE_ROOT)).encode())
-                digest.update(file.read_bytes() if file.exists() else b"<missing>")
-        return digest.hexdigest()[:16]
+        """A short hash of the source files that implement this kernel (stale-entry detection),
+        read once per process."""
+        return _source_hash(self.kernel, self.backend, self.sources)
 
     def describe(self) -> str:
         """Human-readable listing of parameters and constraints (CLI help)."""
@@ -245,6 +240,18 @@ class KernelSpec:
 
     def _make(self, values: Mapping[str, Any]) -> Config:
         return Config(self.kernel, self.backend, tuple(sorted(values.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash(kernel: str, backend: str, sources: tuple[str, ...]) -> str:
+    digest = hashlib.sha256(f"{kernel}/{backend}".encode())
+    for rel in sources:
+        path = _PACKAGE_ROOT / rel
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(_PACKAGE_ROOT)).encode())
+            digest.update(file.read_bytes() if file.exists() else b"<missing>")
+    return digest.hexdigest()[:16]
 
 
 def iter_choices(values: Iterable[Any]) -> tuple[Any, ...]:

@@ -328,6 +328,8 @@ def test_a_wal_cache_in_a_read_only_directory_is_read_by_another_user(shared_fol
     fp = _fingerprint(GPU)
     import sqlalchemy.dialects.sqlite  # noqa: F401 - loaded before the child loses access to it
 
+    spec.source_hash()  # read (and memoised) here: the package's sources may be private to root
+
     def read() -> dict:
         loader.clear_memo()
         config, source = loader._lookup(spec, entry.key, fp, str(path))
