@@ -16,7 +16,29 @@ import triton.language as tl
 
 from .powers import tau_terms
 
-__all__ = ["subset_tau"]
+__all__ = ["subset_tau", "halley_step"]
+
+
+@triton.jit
+def halley_step(tau, lo, hi, s0, s1, s2, b_exp, B_INT: tl.constexpr):
+    """One safeguarded Halley step on f(tau) = s0 - 1, from the sums (sum u^b, sum u^(b-1),
+    sum u^(b-2)) at tau: the bracket [lo, hi] shrinks by the sign of f; the step is kept when it
+    lands inside it, else the midpoint. Returns (new tau, lo, hi)."""
+    f = s0 - 1.0
+    df = -b_exp * s1
+    if B_INT == 1:
+        d2f = s2 * 0.0
+    else:
+        d2f = b_exp * (b_exp - 1.0) * s2
+    above = f > 0
+    lo = tl.where(above, tau, lo)
+    hi = tl.where(above, hi, tau)
+    den = 2.0 * df * df - f * d2f
+    ok = den != 0
+    cand = tau - tl.where(ok, 2.0 * f * df / tl.where(ok, den, 1.0), 0.0)
+    inside = ok & (cand >= lo) & (cand <= hi)
+    new = tl.where(f == 0, tau, tl.where(inside, cand, 0.5 * (lo + hi)))
+    return new, lo, hi
 
 
 @triton.jit
@@ -34,18 +56,6 @@ def subset_tau(vals, zmax, b_exp, B_INT: tl.constexpr, ITERS: tl.constexpr):
     for _ in tl.static_range(ITERS):
         u = tl.maximum(vals - tau[:, None], 0.0)
         t0, t1, t2 = tau_terms(u, b_exp, B_INT)
-        f = tl.sum(t0, axis=1) - 1.0
-        df = -b_exp * tl.sum(t1, axis=1)
-        if B_INT == 1:
-            d2f = f * 0.0
-        else:
-            d2f = b_exp * (b_exp - 1.0) * tl.sum(t2, axis=1)
-        above = f > 0
-        lo = tl.where(above, tau, lo)
-        hi = tl.where(above, hi, tau)
-        den = 2.0 * df * df - f * d2f
-        ok = den != 0
-        cand = tau - tl.where(ok, 2.0 * f * df / tl.where(ok, den, 1.0), 0.0)
-        inside = ok & (cand >= lo) & (cand <= hi)
-        tau = tl.where(f == 0, tau, tl.where(inside, cand, 0.5 * (lo + hi)))
+        tau, lo, hi = halley_step(tau, lo, hi, tl.sum(t0, axis=1), tl.sum(t1, axis=1), tl.sum(t2, axis=1),
+                                  b_exp, B_INT)
     return tau

@@ -7,6 +7,7 @@ shapes decoupled from the mask tile, early exit on or off), so a knob that break
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import pytest
@@ -230,7 +231,9 @@ def test_shared_memory_constraint_rejects_before_launch(monkeypatch):
         TRITON.validate(big, context)
     # the op checks the device limit first: no kernel is ever compiled for it
     q = torch.randn(1, 1, 32, 256)
-    monkeypatch.setattr(op, "_context", lambda t: context)
+    monkeypatch.setattr(op, "_context", lambda head_dim, dtype, device: context)
+    # a private memo for this test (checked configs are memoised per config, head dim, dtype, device)
+    monkeypatch.setattr(op, "_checked_for", functools.lru_cache(maxsize=None)(op._checked_for.__wrapped__))
     monkeypatch.setattr(op, "_forward", lambda *a, **kw: pytest.fail("launched an invalid config"))
     with pytest.raises(ConfigError, match="shared-memory"):
         op.adasplash_triton(q, q, q, 1.5, False, None, 0.1, TRITON.validate(big))

@@ -36,12 +36,13 @@ _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _SHAPE_KNOBS = tuple(n for n in TRITON.names if not TRITON.param(n).accuracy)
 
 
-def _context(q: torch.Tensor) -> dict[str, int]:
-    ctx = {"head_dim": int(q.shape[-1]), "dtype_bytes": _DTYPE_BYTES[q.dtype]}
-    if q.device.type == "cuda":
+def _context(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """The problem and device facts a config is checked against."""
+    ctx = {"head_dim": int(head_dim), "dtype_bytes": _DTYPE_BYTES[dtype]}
+    if device.type == "cuda":
         from ...device import fingerprint
 
-        smem = fingerprint(q.device).shared_mem
+        smem = fingerprint(device).shared_mem
         if smem:
             ctx["max_shared_mem"] = int(smem)
     return ctx
@@ -52,9 +53,15 @@ def checked_config(config: Config | Any, q: torch.Tensor) -> Config:
 
     The built-in default is shrunk to fit problems it does not fit (large head dims in float32);
     any other config that does not fit raises ConfigError before anything is compiled.
-    Memoised per (config, problem facts): a repeated call costs a dict lookup."""
+    Memoised per (config, head dim, dtype, device): a repeated call costs one dict lookup (no
+    context dict is built on the hot path)."""
     cfg = config if isinstance(config, Config) else TRITON.validate(config)
-    return _checked(cfg, tuple(sorted(_context(q).items())))
+    return _checked_for(cfg, q.shape[-1], q.dtype, q.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_for(config: Config, head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
+    return _checked(config, tuple(sorted(_context(head_dim, dtype, device).items())))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -43,7 +43,7 @@ from ..declarations.attention import TAU_TOL_AUTO
 from ..powers import tau_terms
 from ..problem import integer_b
 from ..spec import Config
-from ..threshold import subset_tau
+from ..threshold import halley_step, subset_tau
 from .common import BIG, Geometry, dot_precision
 
 __all__ = ["solve_tau", "resolve_tol", "mask_shape", "tau_scratch_size", "STATS_SLOTS"]
@@ -242,21 +242,7 @@ def _count_below(LST, n, limit):
 def _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT: tl.constexpr):
     """One safeguarded Halley step (kept inside the bracket, else bisection); returns the new tau,
     the bracket and the step relative to the row's support width."""
-    f = s0 - 1.0
-    df = -b_exp * s1
-    if B_INT == 1:
-        d2f = s2 * 0.0
-    else:
-        d2f = b_exp * (b_exp - 1.0) * s2
-    above = f > 0
-    lo = tl.where(above, tau, lo)
-    hi = tl.where(above, hi, tau)
-    den = 2.0 * df * df - f * d2f
-    ok = den != 0
-    cand = tau - tl.where(ok, 2.0 * f * df / tl.where(ok, den, 1.0), 0.0)
-    inside = ok & (cand >= lo) & (cand <= hi)
-    new = tl.where(inside, cand, 0.5 * (lo + hi))
-    new = tl.where(f == 0, tau, new)
+    new, lo, hi = halley_step(tau, lo, hi, s0, s1, s2, b_exp, B_INT)
     new = tl.where(empty, BIG, new)
     # relative to the support width max z - tau: a flat row (thousands of keys in its support,
     # width down to n^(1-alpha)) needs a proportionally smaller absolute step
