@@ -63,6 +63,9 @@ class AttentionPair:
     forward: Callable[..., tuple[Tensor, Sequence[Tensor]]]
     backward: Callable[..., tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
     residuals: Callable[..., list[tuple[tuple[int, ...], torch.dtype]]]
+    #: ``backward``'s arguments -> (dq, dk, dv, dalpha 0-d float32) in one pass; None: the alpha
+    #: gradient is the dense PyTorch pass of :func:`alpha_gradient`.
+    alpha_backward: Optional[Callable[..., tuple[Optional[Tensor], ...]]] = None
 
 
 def _torch_forward(q, k, v, alpha, is_causal, varlen, scale, config, *, need_residuals: bool = True,
@@ -96,7 +99,8 @@ def attention_pair(backend: str) -> Optional[AttentionPair]:
     except ImportError as exc:
         log.debug("triton attention unavailable (%s)", exc)
         return None
-    names = ("adasplash_triton_forward", "adasplash_triton_backward", "adasplash_triton_residuals")
+    names = ("adasplash_triton_forward", "adasplash_triton_backward", "adasplash_triton_residuals",
+             "adasplash_triton_alpha_backward")
     if not all(hasattr(op, name) for name in names):
         return None
     return AttentionPair(*(getattr(op, name) for name in names))
@@ -176,7 +180,9 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, alpha_tensor, pair, alpha, is_causal, varlen, scale, config, niter):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         need_qkv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        out, residuals = pair.forward(q, k, v, alpha, is_causal, varlen, scale, config, need_residuals=need_qkv)
+        fused_alpha = ctx.needs_input_grad[3] and pair.alpha_backward is not None
+        out, residuals = pair.forward(q, k, v, alpha, is_causal, varlen, scale, config,
+                                      need_residuals=need_qkv or fused_alpha)
         ctx.save_for_backward(q, k, v, varlen, out, *residuals)
         ctx.call = (pair, alpha, is_causal, scale, config, niter, alpha_tensor)
         return out
@@ -189,6 +195,11 @@ class _Attention(torch.autograd.Function):
             q, k, v, varlen, out, *residuals = ctx.saved_tensors
             pair, alpha, is_causal, scale, config, niter, alpha_tensor = ctx.call
             needs = tuple(ctx.needs_input_grad[:3])
+            if ctx.needs_input_grad[3] and pair.alpha_backward is not None:
+                dq, dk, dv, dalpha = pair.alpha_backward(grad_out, q, k, v, out, residuals, alpha, is_causal,
+                                                         varlen, scale, config, needs=needs)
+                return (dq, dk, dv, dalpha.to(alpha_tensor.dtype).reshape(alpha_tensor.shape),
+                        None, None, None, None, None, None, None)
             if any(needs):
                 dq, dk, dv = pair.backward(grad_out, q, k, v, out, residuals, alpha, is_causal, varlen, scale,
                                            config, needs=needs)

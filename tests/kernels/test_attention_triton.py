@@ -17,6 +17,7 @@ import adasplash_tune
 from adasplash_tune.kernels.attention import op
 from adasplash_tune.kernels.declarations.attention import TRITON, fit_triton_config
 from adasplash_tune.kernels.reference import attention_reference, relative_error, tolerance
+from adasplash_tune.kernels.torch_backend.alpha_grad import attention_alpha_grad
 from adasplash_tune.kernels.spec import ConfigError
 
 # (B, Hq, Hkv, N, D, alpha, causal, varlen lengths or None)
@@ -347,3 +348,66 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- learnable alpha
+
+
+ALPHA_CASES = [
+    (1, 2, 1, 33, 16, 1.5, True, None),
+    (2, 2, 2, 40, 48, 1.25, False, (40, 0)),
+    (1, 2, 2, 50, 80, 2.0, True, (37,)),
+    (2, 4, 2, 33, 16, 4 / 3, True, (33, 20)),
+    (1, 1, 1, 64, 16, 1.7, False, None),
+]
+
+
+def _alpha_grad_check(case, config, dtype, device):
+    q, k, v, alpha, causal, varlen = _inputs(case, dtype, device, seed=3)
+    a = torch.tensor(alpha, device=device, requires_grad=True)
+    out = adasplash_tune.adasplash(q, k, v, a, causal, varlen, backend="triton", config=config)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    dq, dalpha = torch.autograd.grad(out, (q, a), grad)
+    # the oracle: the closed form in float64 on the same inputs, and d(dq) as usual
+    want = attention_alpha_grad(grad.double(), q.double(), k.double(), v.double(), alpha, causal, varlen,
+                                q.shape[-1] ** -0.5, niter=60)
+    ref = attention_reference(q, k, v, alpha, causal, varlen)
+    (want_dq,) = torch.autograd.grad(ref, (q,), grad)
+    assert dalpha.shape == () and torch.isfinite(dalpha)
+    # a sum over every (row, key): its error is bounded by the error of its terms, not of the sum
+    scale = attention_alpha_grad(grad.double().abs(), q.double(), k.double(), v.double(), alpha, causal, varlen,
+                                 q.shape[-1] ** -0.5, niter=60).abs() + want.abs()
+    err = abs(dalpha.double().item() - want.item()) / max(scale.item(), 1e-12)
+    assert err <= tolerance(dtype, grad=True), f"dalpha {dalpha.item():.6g} vs {want.item():.6g} ({err:.2e})"
+    assert relative_error(dq, want_dq) <= tolerance(dtype, grad=True)
+
+
+@pytest.mark.parametrize("name", ["small", "mixed", "subset", "default"])
+@pytest.mark.parametrize("case", ALPHA_CASES, ids=_case_id)
+def test_alpha_gradient_in_the_dq_pass_matches_oracle(case, name, triton_device):
+    """A learnable alpha's gradient comes from the dQ kernel (the fused mode switches to split)."""
+    _alpha_grad_check(case, CONFIGS.get(name), torch.float32, triton_device)
+
+
+def test_alpha_gradient_matches_finite_differences(triton_device):
+    q, k, v, alpha, causal, varlen = _inputs((2, 2, 1, 30, 16, 1.5, True, (30, 11)), torch.float32, triton_device)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(triton_device)
+    a = torch.tensor(alpha, device=triton_device, requires_grad=True)
+    out = adasplash_tune.adasplash(q, k, v, a, causal, varlen, backend="triton", config=SMALL)
+    (dalpha,) = torch.autograd.grad(out, (a,), grad)
+    h = 1e-5
+    qd, kd, vd, gd = (t.detach().double() for t in (q, k, v, grad))
+
+    def loss(at: float) -> float:
+        return float((attention_reference(qd, kd, vd, at, causal, varlen) * gd).sum())
+
+    want = (loss(alpha + h) - loss(alpha - h)) / (2 * h)
+    assert abs(dalpha.item() - want) <= tolerance(torch.float32, grad=True) * abs(want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ALPHA_CASES + [(2, 6, 6, 1000, 64, 1.5, True, (1000, 517)),
+                                                (1, 4, 2, 2048, 128, 1.25, False, None)], ids=_case_id)
+def test_gpu_alpha_gradient(case, dtype):
+    _alpha_grad_check(case, None, dtype, "cuda")

@@ -202,10 +202,10 @@ def _bwd_fused_kernel(
 
 
 @triton.jit
-def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, LIST, i_lo, i_hi,
+def _q_tiles(acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, LIST, i_lo, i_hi,
              offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
              B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-             EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+             EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, ALPHA_GRAD: tl.constexpr):
     for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
         cols = j * BN + offs_nb
@@ -236,15 +236,22 @@ def _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, LIST, i_lo, i_h
         ssum += tl.sum(w, axis=1)
         acc_a = tl.dot(wdp.to(k.dtype), k, acc_a, input_precision=DOT_PREC)
         acc_b = tl.dot(w.to(k.dtype), k, acc_b, input_precision=DOT_PREC)
-    return acc_a, acc_b, sdp, ssum
+        if ALPHA_GRAD:  # the row sums of the alpha gradient: u^b dP, u^b ln u, u^b ln u dP
+            ub = w * u
+            ub_log = ub * tl.log(tl.where(u > 0, u, 1.0))
+            e_dp += tl.sum(ub * dp, axis=1)
+            e_log += tl.sum(ub_log, axis=1)
+            e_dplog += tl.sum(ub_log * dp, axis=1)
+    return acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog
 
 
 @triton.jit
 def _bwd_q_kernel(
-    Q, K, V, DO, TAU, INVL, DELTA, DQ, LIST, COUNT, LENS,
+    Q, K, V, DO, TAU, INVL, DELTA, DQ, GALPHA, LIST, COUNT, LENS,
     seq_len, H, GROUP, n_qt, n_kt, c, b_exp, sfac_exp, scale,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALPHA_GRAD: tl.constexpr,
 ):
     pid_m = n_qt - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -275,16 +282,32 @@ def _bwd_q_kernel(
     acc_b = tl.zeros([BM, BD], dtype=tl.float32)
     sdp = tl.zeros([BM], dtype=tl.float32)
     ssum = tl.zeros([BM], dtype=tl.float32)
-    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, lst, 0, plain,
-                                       offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
-                                       B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
-    acc_a, acc_b, sdp, ssum = _q_tiles(acc_a, acc_b, sdp, ssum, q, do, tau, K, V, kv_base, lst, plain, count,
-                                       offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
-                                       B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    e_dp = tl.zeros([BM], dtype=tl.float32)
+    e_log = tl.zeros([BM], dtype=tl.float32)
+    e_dplog = tl.zeros([BM], dtype=tl.float32)
+    acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog = _q_tiles(
+        acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, lst, 0, plain,
+        offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+        B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC, ALPHA_GRAD)
+    acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog = _q_tiles(
+        acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, lst, plain, count,
+        offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+        B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC, ALPHA_GRAD)
     delta = tl.where(ssum > 0, sdp / tl.where(ssum > 0, ssum, 1.0), 0.0)
     dq = (acc_a - delta[:, None] * acc_b) * (_row_weight_scale(inv_l, sfac_exp, B_INT) * scale)[:, None]
     tl.store(DQ + io_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
     tl.store(DELTA + stat, delta, mask=row_in)
+    if ALPHA_GRAD:
+        # p = u^b / l with inv_l = 1 / l, so with sum p = 1: delta_p = sum dP p = inv_l e_dp,
+        # H = sum p ln p = ln inv_l + b inv_l e_log, C = sum dP p ln p = ln inv_l delta_p + b inv_l e_dplog,
+        # and d(sum dP p)/dalpha = b (b (delta_p - delta) - (C - delta H)) (torch_backend/alpha_grad.py).
+        has = inv_l > 0
+        ln_inv = tl.log(tl.where(has, inv_l, 1.0))
+        delta_p = inv_l * e_dp
+        entropy = ln_inv + b_exp * inv_l * e_log
+        cross = ln_inv * delta_p + b_exp * inv_l * e_dplog
+        g = b_exp * (b_exp * (delta_p - delta) - (cross - delta * entropy))
+        tl.store(GALPHA + stat, tl.where(has, g, 0.0), mask=row_in)
 
 
 def _common_args(alpha: float, scale: float) -> tuple[float, float, float, float]:
@@ -315,21 +338,24 @@ def sparse_backward_kv(
 
 def sparse_backward_q(
     q, k, v, grad_out, tau, inv_l, lists: TileLists, varlen, alpha: float, scale: float,
-    is_causal: bool, config: Config,
+    is_causal: bool, config: Config, alpha_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dq in q's shape and dtype, delta (B*Hq, N) float32 for the dK/dV kernel); ``lists``:
-    query-major for (bwd_q_block_m, bwd_q_block_n)."""
+    query-major for (bwd_q_block_m, bwd_q_block_n). With ``alpha_rows`` ((B*Hq, N) float32) the
+    same pass also writes each row's share of d(sum dO * out)/dalpha there (one log per score)."""
     geo = Geometry.of(q, k)
     bm, bn = config["bwd_q_block_m"], config["bwd_q_block_n"]
     dq = alloc(q.shape, q.dtype, q.device)
     delta = alloc((geo.rows, geo.seq_len), torch.float32, q.device)
     lens = varlen if varlen is not None else tau
     _bwd_q_kernel[(lists.n_own, geo.rows)](
-        q, k, v, grad_out, tau, inv_l, delta, dq, lists.index, lists.count, lens,
+        q, k, v, grad_out, tau, inv_l, delta, dq, alpha_rows if alpha_rows is not None else delta,
+        lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
         *_common_args(alpha, scale),
         B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim,
         EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(q.dtype),
+        ALPHA_GRAD=alpha_rows is not None,
         num_warps=config["bwd_q_warps"], num_stages=config["bwd_q_stages"],
     )
     return dq, delta

@@ -27,7 +27,8 @@ from .tau import mask_shape, solve_tau, tau_scratch_size
 
 __all__ = [
     "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
-    "adasplash_triton_residuals", "checked_config", "forward_stages", "block_density", "poison_outputs",
+    "adasplash_triton_alpha_backward", "adasplash_triton_residuals", "checked_config", "forward_stages",
+    "block_density", "poison_outputs",
 ]
 
 log = logging.getLogger("adasplash_tune")
@@ -109,21 +110,24 @@ def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
 
 
 def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causal, config,
-              need_kv: bool = True):
+              need_kv: bool = True, alpha_rows: torch.Tensor | None = None):
     """(dq, dk, dv); dK/dV only with ``need_kv`` (the split dQ kernel always runs: it computes
-    delta). The fused mode needs the forward's O2."""
+    delta). The fused mode needs the forward's O2. ``alpha_rows`` ((B*Hq, N) float32): the split
+    dQ kernel also writes each row's alpha gradient there (the fused mode has no dQ pass: split
+    then)."""
     geo = Geometry.of(q, k)
     grad_out = grad_out.contiguous()
     tau, inv_l = stats[0], stats[1]
     mask_tile = (config["mask_m"], config["mask_n"])
     kv_tile = (config["bwd_block_m"], config["bwd_block_n"])
-    if config["bwd_mode"] == "fused" and need_kv and o2 is not None:
+    if config["bwd_mode"] == "fused" and need_kv and o2 is not None and alpha_rows is None:
         lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
         return sparse_backward_fused(q, k, v, grad_out, o2, tau, inv_l, lists, varlen, alpha, scale,
                                      is_causal, config)
     lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
                        (config["bwd_q_block_m"], config["bwd_q_block_n"]), transposed=False)
-    dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config)
+    dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config,
+                                  alpha_rows)
     dk = dv = None
     if need_kv:
         lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
@@ -228,6 +232,19 @@ def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.
                               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward of the pair, from :func:`adasplash_triton_forward`'s residuals: (dq, dk, dv), with
     None for the gradients ``needs`` does not ask for."""
+    return _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale, config, needs, False)[:3]
+
+
+def adasplash_triton_alpha_backward(grad_out, q, k, v, out, residuals: Sequence[torch.Tensor], alpha, is_causal,
+                                    varlen, scale, config, *, needs: tuple[bool, bool, bool] = (True, True, True)
+                                    ) -> tuple[torch.Tensor | None, ...]:
+    """:func:`adasplash_triton_backward` plus d(sum grad_out * out)/dalpha as a 0-d float32 tensor,
+    from the same dQ pass (the closed form of ``torch_backend/alpha_grad.py``, per row in the
+    kernel): (dq, dk, dv, dalpha)."""
+    return _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale, config, needs, True)
+
+
+def _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale, config, needs, need_alpha):
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     stats, mask, *rest = residuals
@@ -236,10 +253,12 @@ def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.
         shape = (geo.rows, *mask_shape(geo, cfg))
         mask = mask[: shape[0] * shape[1] * shape[2]].view(shape)
         rest = rest if cfg["bwd_mode"] == "fused" else []
+    alpha_rows = torch.empty_like(stats[0]) if need_alpha else None
     dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
-                           float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2])
+                           float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2],
+                           alpha_rows=alpha_rows)
     return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
-            dv.to(v.dtype) if needs[2] else None)
+            dv.to(v.dtype) if needs[2] else None, alpha_rows.sum() if need_alpha else None)
 
 
 def _compute_dtype(q, k, v):
