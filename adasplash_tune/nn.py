@@ -9,8 +9,8 @@ Two ways to use it:
   (B, N, E) inputs, self-attention (or ``(query, key, value)`` of one length), returning (B, N, E).
 
 A learnable alpha is ``1 + sigmoid(alpha_logit)``, always inside (1, 2); its gradient is the
-closed form of :mod:`adasplash_tune.kernels.torch_backend.alpha_grad` (one extra dense pass in the
-backward). Both modes compile with ``torch.compile(fullgraph=True)`` (with ``varlen``; a
+closed form of :mod:`adasplash_tune.kernels.torch_backend.alpha_grad`: inside the Triton dQ pass
+in eager mode, one extra dense PyTorch pass on the torch backend and under ``torch.compile``. Both modes compile with ``torch.compile(fullgraph=True)`` (with ``varlen``; a
 ``key_padding_mask`` is checked on the data, which breaks the graph there).
 """
 

@@ -31,9 +31,9 @@ then the N = 8192 probes (step time and peak memory only; the same 16k tokens pe
     python examples/train_lm.py --attention adasplash --alpha 1.5 $N8K --out $OUT/n8192-alpha1.5
     python examples/train_lm.py --attention adasplash --alpha learned $N8K --out $OUT/n8192-alpha-learned
 
-A learned alpha's gradient is a dense PyTorch pass in the backward (the package's closed form, 30
-Halley iterations per query chunk), far dearer than the Triton forward and backward: that run
-reaches fewer steps in the time budget; compare runs at equal steps (plot_train_lm.py does).
+A learned alpha per head runs one attention call per head (``adasplash`` takes one alpha per call),
+so that run may reach fewer steps in the time budget; compare runs at equal steps
+(plot_train_lm.py does). On the Triton backend the alpha gradient comes from the dQ kernel.
 
 On CPU (float32; the torch backend of AdaSplash) a tiny run for a first look:
 
