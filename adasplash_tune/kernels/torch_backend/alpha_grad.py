@@ -30,6 +30,7 @@ def _support_weight(p: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, p, torch.ones_like(p)).pow(2.0 - alpha), torch.zeros_like(p))
 
 
+@torch.no_grad()  # a closed form: recording its dense intermediates for autograd would cost O(niter * N^2)
 def attention_alpha_grad(
     grad_out: torch.Tensor,
     q: torch.Tensor,
