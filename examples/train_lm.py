@@ -188,11 +188,13 @@ class EntmaxCore(nn.Module):
     head is one module per head, each called on its head (``adasplash`` takes one alpha per call).
     """
 
-    def __init__(self, heads: int, alpha: float, learn: bool, per_head: bool, backend: str | None = None) -> None:
+    def __init__(self, heads: int, alpha: float, learn: bool, per_head: bool, backend: str | None = None,
+                 scale: float | None = None) -> None:
         super().__init__()
         self.heads = heads
         count = heads if learn and per_head else 1
-        self.attn = nn.ModuleList(AdaSplashAttention(alpha=alpha, learn_alpha=learn, is_causal=True, backend=backend)
+        self.attn = nn.ModuleList(AdaSplashAttention(alpha=alpha, learn_alpha=learn, is_causal=True, scale=scale,
+                                                     backend=backend)
                                   for _ in range(count))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -272,7 +274,8 @@ def build_model(args: argparse.Namespace) -> ByteLM:
         learn = args.alpha == "learned"
         alpha = args.alpha_init if learn else float(args.alpha)
         per_head = args.alpha_per == "head"
-        make_core = lambda: EntmaxCore(args.heads, alpha, learn, per_head, args.backend)  # noqa: E731
+        scale = None if args.score_scale == 1.0 else args.score_scale / math.sqrt(args.width // args.heads)
+        make_core = lambda: EntmaxCore(args.heads, alpha, learn, per_head, args.backend, scale)  # noqa: E731
     model = ByteLM(args.layers, args.width, args.heads, args.seq_len, make_core)
     init_weights(model, args.seed)
     return model
@@ -590,6 +593,8 @@ def run_name(args: argparse.Namespace) -> str:
         kind = f"entmax, learned alpha per {args.alpha_per}"
     else:
         kind = f"entmax, alpha={float(args.alpha):g}"
+    if args.attention == "adasplash" and args.score_scale != 1.0:
+        kind += f", score scale {args.score_scale:g}"
     return f"{kind}, N={args.seq_len}"
 
 
@@ -676,6 +681,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", default=None,
                    help="adasplash: a fixed alpha in (1, 2], or 'learned' (default 1.5)")
     p.add_argument("--alpha-init", type=float, default=1.5, help="initial value of a learned alpha")
+    p.add_argument("--score-scale", type=float, default=1.0,
+                   help="adasplash: scores are q.k * SCORE_SCALE / sqrt(head dim); 1 / (alpha - 1) gives entmax's "
+                        "(alpha - 1)-scaled scores the logits softmax sees")
     p.add_argument("--alpha-per", choices=("head", "layer"), default="head", help="granularity of a learned alpha")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="AdaSplash backend (auto: Triton on a GPU, PyTorch on CPU)")
@@ -730,6 +738,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--width {args.width} must be divisible by --heads {args.heads}")
     if args.attention == "adasplash" and not 16 <= args.width // args.heads <= 256:
         p.error(f"head dim {args.width // args.heads} (--width / --heads) must be in 16..256 for AdaSplash")
+    if args.score_scale <= 0.0 or not math.isfinite(args.score_scale):
+        p.error(f"--score-scale {args.score_scale}: must be a positive number")
+    if args.attention == "sdpa" and args.score_scale != 1.0:
+        p.error("--score-scale applies to --attention adasplash")
     if not 0.0 < args.val_fraction < 1.0:
         p.error("--val-fraction must be in (0, 1)")
     if args.eval_every < 0 or args.time_budget < 0:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adasplash_tune.kernels.reference import attention_mask, entmax_reference
+from adasplash_tune.kernels.reference import (attention_mask, attention_reference, entmax_reference, relative_error,
+                                              tolerance)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -207,6 +208,18 @@ def test_learned_alpha_per_layer_is_one_parameter_per_layer():
     assert model.alphas() == [pytest.approx([1.3] * 4)] * 2
 
 
+def test_score_scale_multiplies_the_attention_scale_and_the_scores():
+    model = _model("adasplash", extra=["--score-scale", "2"])
+    modules = [m for block in model.blocks for m in block.core.attn]
+    assert [m.scale for m in modules] == [pytest.approx(2 / 4.0)] * 2  # head dim 16
+    assert [m.scale for m in _model("adasplash").blocks[0].core.attn] == [None]  # the kernel's 1/sqrt(d)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=gen) for _ in range(3))
+    got = modules[0](q, k, v)
+    want = attention_reference(q.double() * 2, k.double(), v.double(), 1.5, True, None)
+    assert relative_error(got, want) <= tolerance(torch.float32)
+
+
 def test_same_seed_same_data_order():
     data = torch.arange(1000, dtype=torch.int64).to(torch.uint8)
     first = train_lm.training_batches(data, 16, 4, seed=3)
@@ -290,6 +303,12 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_lm.parse_args(["--attention", "adasplash", "--width", "96", "--heads", "8", "--out", "x"])
     assert "head dim 12" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--attention", "sdpa", "--score-scale", "2", "--out", "x"])
+    assert "--score-scale applies to --attention adasplash" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--attention", "adasplash", "--score-scale", "-1", "--out", "x"])
+    assert "must be a positive number" in capsys.readouterr().err
 
 
 def test_existing_run_is_not_overwritten(runs):
