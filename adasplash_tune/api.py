@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import compiled, ops
+from .cache.samples import ENV_SAMPLES
 from .kernels.problem import alpha_class
 from .kernels.spec import Config
 from .selection import DTYPE_NAMES, Selection, attention_selection, entmax_selection, with_niter
@@ -273,7 +274,21 @@ def _attention_call(q, k, v, alpha, is_causal, varlen, niter, scale, backend, co
     backend = _resolve_backend(backend, q.device)
     sel = attention_selection(q, k, alpha, is_causal, varlen is not None, backend, config)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if sel.source != "explicit" and os.environ.get(ENV_SAMPLES):
+        _record_sample(sel, q, k, v, varlen, alpha, is_causal, scale)
     return backend, scale, with_niter(sel._config, niter)
+
+
+def _record_sample(sel: Selection, q, k, v, varlen, alpha: float, is_causal: bool, scale: float) -> None:
+    """Opt-in (ADASPLASH_TUNE_RECORD and ADASPLASH_TUNE_RECORD_SAMPLES): save this new problem's inputs."""
+    from .cache.loader import ENV_RECORD
+    from .cache.samples import record_attention_sample
+    from .device import fingerprint
+
+    record = os.environ.get(ENV_RECORD)
+    if record:
+        record_attention_sample(record, os.environ[ENV_SAMPLES], sel.key, fingerprint(q.device).device_id,
+                                q, k, v, varlen, alpha, is_causal, scale)
 
 
 def _traced_adasplash(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config) -> Tensor:

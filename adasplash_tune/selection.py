@@ -127,6 +127,7 @@ def clear_memo() -> None:
     with_niter.cache_clear()
     import sys
 
-    loader = sys.modules.get("adasplash_tune.cache.loader")  # only if it was ever used
-    if loader is not None:
-        loader.clear_memo()
+    for name in ("adasplash_tune.cache.loader", "adasplash_tune.cache.samples"):  # only if ever used
+        module = sys.modules.get(name)
+        if module is not None:
+            module.clear_memo()

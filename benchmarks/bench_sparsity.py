@@ -126,42 +126,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- inputs
 
 
-def _smoothed_noise(rows: int, n: int, d: int, corr_len: float, gen, device):
-    """(rows, n, d) white noise convolved along n with a Gaussian window of std ``corr_len``."""
-    import torch
-
-    half = int(math.ceil(4 * corr_len))
-    noise = torch.randn(rows, n + 2 * half, d, generator=gen, device=device)
-    t = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
-    window = torch.exp(-0.5 * (t / corr_len) ** 2)
-    size = noise.shape[1] + window.numel() - 1  # linear (not circular) convolution
-    spec = torch.fft.rfft(noise, n=size, dim=1) * torch.fft.rfft(window, n=size).view(1, -1, 1)
-    full = torch.fft.irfft(spec, n=size, dim=1)
-    return full[:, 2 * half: 2 * half + n]  # outputs whose window lies inside the noise
-
-
 def make_inputs(family: str, scale: float, shape: Sequence[int], dtype, device: str, seed: int,
                 corr_len: float) -> tuple[Any, Any, Any, Any]:
-    """(q, k, v, grad_out) of ``shape`` (B, H, N, D) for one input family (module docstring)."""
+    """(q, k, v, grad_out) of ``shape`` (B, H, N, D) for one input family (module docstring; the
+    families are the tuner's, ``adasplash_tune.tuner.inputs``)."""
     import torch
 
+    from adasplash_tune.tuner.inputs import synthetic_inputs
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown input family {family!r}; choose from {', '.join(FAMILIES)}")
     b, h, n, d = shape
     gen = torch.Generator(device=device).manual_seed(seed)
-    if family == "randn":
-        q = scale * torch.randn(b, h, n, d, generator=gen, device=device)
-        k = torch.randn(b, h, n, d, generator=gen, device=device)
-    elif family == "local":
-        w = _smoothed_noise(b * h, n, d, corr_len, gen, device).view(b, h, n, d)
-        w[..., 0] = 0.0  # orthogonal to the sink axis e = first basis vector
-        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        root = d ** 0.25
-        k = root * w
-        k[:, :, 0] = 0.0
-        k[:, :, 0, 0] = root  # the sink key: k_0 = e
-        q = (scale * root) * w
-        q[..., 0] = scale * root  # q_i = s (e + w_i)
-    else:
-        raise ValueError(f"unknown input family {family!r}; choose from {', '.join(FAMILIES)}")
+    q, k = synthetic_inputs(family, scale, shape, h, gen, device, corr_len)
     v = torch.randn(b, h, n, d, generator=gen, device=device)
     grad = torch.randn(b, h, n, d, generator=gen, device=device)
     return tuple(t.to(dtype).contiguous() for t in (q, k, v, grad))  # type: ignore[return-value]

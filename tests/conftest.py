@@ -73,7 +73,8 @@ def isolated_locations(tmp_path, monkeypatch):
     from adasplash_tune.cache import locations
 
     monkeypatch.setenv(locations.ENV_CACHE, str(tmp_path / "user-cache.sqlite"))
-    for name in (locations.ENV_SHIPPED, "ADASPLASH_TUNE_RECORD", "ADASPLASH_TUNE_MODE", "ADASPLASH_TUNE_FAULT"):
+    for name in (locations.ENV_SHIPPED, "ADASPLASH_TUNE_RECORD", "ADASPLASH_TUNE_RECORD_SAMPLES",
+                 "ADASPLASH_TUNE_RECORD_SAMPLE_MB", "ADASPLASH_TUNE_MODE", "ADASPLASH_TUNE_FAULT"):
         monkeypatch.delenv(name, raising=False)
     shipped = tmp_path / "shipped"
     shipped.mkdir()

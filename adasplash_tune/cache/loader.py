@@ -13,7 +13,8 @@ settings): after the first lookup for a key no database is touched again. Nothin
 * Shipped caches: ``locations.shipped_dir()`` (monkeypatch ``locations.SHIPPED_DIR`` or set
   ``ADASPLASH_TUNE_SHIPPED_DIR``); the device's own file is ``locations.shipped_name(GPU name)``.
 * ``ADASPLASH_TUNE_RECORD=FILE``: each new (device, key) is appended once as a JSON line with
-  the call's shape, for ``tune --from-record``.
+  the call's shape, for ``tune --from-record`` (with ``ADASPLASH_TUNE_RECORD_SAMPLES`` the API also
+  saves the call's inputs: :mod:`.samples`).
 
 Entries whose kernel hash differs from ``spec.source_hash()`` are stale and never used; entries
 flagged by ``verify`` are skipped. A missing or unreadable cache logs one warning and is skipped:
@@ -36,7 +37,7 @@ from ..kernels.problem import key_to_json
 from ..kernels.spec import Config, ConfigError, KernelSpec
 from . import locations
 
-__all__ = ["resolve", "clear_memo", "ENV_MODE", "ENV_RECORD", "MODES"]
+__all__ = ["resolve", "clear_memo", "append_record", "ENV_MODE", "ENV_RECORD", "MODES"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -193,11 +194,14 @@ def _usable(spec: KernelSpec, entry: Any, context: Mapping[str, Any]) -> Config 
 
 def _record(path: str, spec: KernelSpec, key: Mapping[str, Any], device_id: str,
             shape: Mapping[str, Any] | None) -> None:
-    line = json.dumps({
-        "kernel": spec.kernel, "backend": spec.backend, "key": dict(key), "device": device_id,
-        "shape": dict(shape) if shape else None,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }, sort_keys=True) + "\n"
+    append_record(path, {"kernel": spec.kernel, "backend": spec.backend, "key": dict(key), "device": device_id,
+                         "shape": dict(shape) if shape else None})
+
+
+def append_record(path: str, fields: Mapping[str, Any]) -> None:
+    """Append one JSON line (``fields`` plus the time) to the record file; failures are logged once."""
+    line = json.dumps({**fields, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                      sort_keys=True) + "\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

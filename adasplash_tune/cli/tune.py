@@ -7,6 +7,7 @@ sizes, on a CPU-only machine the torch backend at small sizes (a couple of minut
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,8 @@ import click
 
 from . import CliError
 from .problem_options import build_problems, problem_options, resolve_backend
+
+log = logging.getLogger("adasplash_tune")
 
 __all__ = ["register", "tune", "format_summary"]
 
@@ -231,6 +234,11 @@ class _Progress:
 @click.option("--cache", default=None, help=CACHE_HELP)
 @click.option("--from-record", type=click.Path(exists=True, dir_okay=False),
               help="Tune the problems in an ADASPLASH_TUNE_RECORD file, most frequent first.")
+@click.option("--inputs", "inputs_spec", default=None, metavar="SPEC",
+              help="adasplash: what trials are timed and accuracy-gated on: randn, randn:S (q x S), local:S "
+              "(sink + local band, sparser as S grows) or recorded (the samples an "
+              "ADASPLASH_TUNE_RECORD_SAMPLES run saved; with --from-record). Default: randn, or with "
+              "--from-record each problem's recorded sample when it has one.")
 @click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list: one evaluation worker per GPU (several "
               "problems are spread over the GPUs; one problem's trials are timed on all of them), one "
               "study storage and one cache (the GPUs must be the same model; default: GPU 0).")
@@ -252,8 +260,8 @@ class _Progress:
               help="Seconds one trial may take before its worker is killed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
-         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, gpus, storage, space, confirm,
-         seed, backward, compile_workers, trial_timeout, as_json) -> None:
+         dtype, rows, cols, strategy, trials, time_budget, cache, from_record, inputs_spec, gpus, storage, space,
+         confirm, seed, backward, compile_workers, trial_timeout, as_json) -> None:
     """Tune problems on this machine and write the best configs to the cache."""
     import os
 
@@ -284,7 +292,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
             "alpha": alpha, "causal_mode": causal_mode, "varlen": varlen, "dtype": dtype, "rows": rows,
             "cols": cols,
         })
-    problems = dedupe(problems, backend)
+    problems = dedupe(_with_inputs(problems, kernel, inputs_spec, bool(from_record)), backend)
     _check_space_knobs(kernel, backend, devices[0], space)
     _check_writable(user_cache_location(cache), "cache")
     _check_writable(storage or default_storage_url(cache), "study storage")
@@ -314,6 +322,33 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
             display_location(options.storage or default_storage_url(cache)))
     if not any(r.status == "tuned" for r in results):
         raise CliError("no valid config found for any problem (see the failures with --debug)")
+
+
+def _with_inputs(problems: list[Any], kernel: str, spec: str | None, from_record: bool) -> list[Any]:
+    """The problems on the inputs ``--inputs`` names (None: as built, recorded samples included)."""
+    from dataclasses import replace
+
+    from ..tuner.inputs import parse_inputs
+
+    if spec is None:
+        return problems
+    if kernel != "adasplash":
+        raise click.UsageError("--inputs applies to --kernel adasplash (entmax tunes on randn rows)")
+    if spec == "recorded":
+        if not from_record:
+            raise click.UsageError("--inputs recorded needs --from-record FILE (the samples are named there)")
+        kept = [p for p in problems if p.inputs.startswith("recorded:")]
+        if not kept:
+            raise CliError("the record holds no input samples: record with ADASPLASH_TUNE_RECORD_SAMPLES=DIR set")
+        if len(kept) < len(problems):
+            log.warning("--inputs recorded: %d of %d recorded problems have no sample and are skipped",
+                        len(problems) - len(kept), len(problems))
+        return kept
+    try:
+        parse_inputs(spec)
+    except ValueError as exc:
+        raise click.UsageError(f"--inputs: {exc}") from None
+    return [replace(p, inputs=spec) for p in problems]
 
 
 def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) -> None:

@@ -33,6 +33,7 @@ def verify(cache: str | None, kernel: str | None, device: str | None, retime: bo
     from ..kernels.reference import tolerance
     from ..kernels.registry import get_spec
     from ..tuner.evaluate import Evaluator, TrialRequest
+    from ..tuner.inputs import inputs_label
     from ..tuner.problems import problem_for_entry
     from ..tuner.timing import TimingOptions
 
@@ -58,6 +59,7 @@ def verify(cache: str | None, kernel: str | None, device: str | None, retime: bo
                 rows.append(row)
                 continue
             problem = problem_for_entry(entry)
+            row["inputs"] = inputs_label(getattr(problem, "inputs", "randn"))
             backward = entry.kernel == "adasplash" or bool(entry.provenance.get("backward"))
             result = evaluator.evaluate(TrialRequest(problem, entry.backend, entry.config, backward=backward,
                                                      seed=12345, timing=timing))

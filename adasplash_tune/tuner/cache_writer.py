@@ -20,6 +20,7 @@ from ..cache.entry import Entry
 from ..kernels.problem import key_to_json
 from .options import JobSettings
 from .outcome import Outcome
+from .inputs import inputs_label
 from .problems import Problem
 from .space import SearchSpace
 
@@ -113,7 +114,8 @@ class CacheWriter:
         provenance = {"tool": TOOL, "objective": "fwd+bwd" if backward else "fwd",
                       "fwd_ms": outcome.attrs.get("fwd_ms"), "bwd_ms": outcome.attrs.get("bwd_ms"),
                       "grad_error": outcome.attrs.get("grad_error"), "target": space.target,
-                      "backward": backward, "problem": problem.to_dict(), "seed": s.seed}
+                      "backward": backward, "problem": problem.to_dict(), "seed": s.seed,
+                      "inputs": inputs_label(getattr(problem, "inputs", "randn"))}
         if extras:
             provenance["launch_extras"] = extras
         if outcome.attrs.get("confirmed_runs") is not None:

@@ -25,6 +25,7 @@ from .duel import DUEL_SHARE, confirm_winner
 from .evaluate import TrialRequest, TrialResult
 from .options import JobSettings
 from .outcome import Outcome, TraceRow, outcome_of
+from .inputs import inputs_label
 from .problems import Problem
 from .results import ProblemResult, ProgressEvent
 from .search import StageSearch
@@ -205,7 +206,8 @@ class ProblemSearch:
             fixed = {n: v for n, v in best_values.items() if n not in free}
             name = study_name(device_id=s.device_id, kernel=s.kernel, backend=s.backend, kernel_hash=s.kernel_hash,
                               key=key, stage=stage, fixed=fixed,
-                              objective=result.objective + ("|pareto" if s.pareto else ""))
+                              objective=result.objective + ("|pareto" if s.pareto else "")
+                              + _inputs_suffix(problem))
             strategy = s.strategy(space, free, best_values, seed=s.seed + stage_index, budget=budget)
             directions = ["minimize", "minimize"] if strategy.multi_objective else ["minimize"]
             study = optuna.create_study(storage=self.storage, study_name=name, sampler=strategy.sampler(),
@@ -284,6 +286,12 @@ class ProblemSearch:
         result.default_ms = outcome.objective
         self.writer.store_reading(problem, space, (values, outcome), 1)
         return values, outcome
+
+
+def _inputs_suffix(problem: Problem) -> str:
+    """A study name part for non-randn inputs: trials timed on other inputs are not resumed."""
+    inputs = getattr(problem, "inputs", "randn")
+    return "" if inputs == "randn" else f"|inputs={inputs_label(inputs)}"
 
 
 def _front_row(values: Mapping[str, Any], outcome: Outcome, space: SearchSpace) -> dict[str, Any]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 from ..kernels.problem import DTYPE_NAMES, attention_key, entmax_key
+from .inputs import inputs_label, parse_inputs, recorded_inputs, synthetic_inputs
 
 __all__ = [
     "AttentionProblem", "EntmaxProblem", "Problem", "problem_from_dict", "problems_from_record",
@@ -73,6 +74,9 @@ class AttentionProblem:
     causal: bool = False
     dtype: str = "float32"
     varlen: bool = False
+    #: What the tuner times and gates on (:mod:`.inputs`): "randn", "randn:S", "local:S" or
+    #: "recorded:FILE". Not part of the problem key: it is the entry's provenance.
+    inputs: str = "randn"
 
     kernel = "adasplash"
 
@@ -87,6 +91,7 @@ class AttentionProblem:
             raise ValueError(f"head_dim must be in 16..256, got {self.head_dim}")
         _check_alpha(self.alpha)
         dtype_bytes(self.dtype)
+        parse_inputs(self.inputs)
 
     def key(self, backend: str) -> dict[str, Any]:
         return attention_key(
@@ -103,8 +108,9 @@ class AttentionProblem:
     def label(self) -> str:
         gqa = f" gqa{self.heads // self.kv_heads}" if self.kv_heads != self.heads else ""
         flags = (" causal" if self.causal else "") + (" varlen" if self.varlen else "")
+        inputs = "" if self.inputs == "randn" else f" [{inputs_label(self.inputs)}]"
         return (f"B{self.batch} H{self.heads}{gqa} N{self.seq_len} D{self.head_dim} "
-                f"a{self.alpha:g} {self.dtype}{flags}")
+                f"a{self.alpha:g} {self.dtype}{flags}{inputs}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, **asdict(self)}
@@ -112,18 +118,30 @@ class AttentionProblem:
     # ----------------------------------------------------------------- running (worker side)
 
     def make_inputs(self, device: str, seed: int, requires_grad: bool) -> dict[str, Any]:
-        """Fresh random q, k, v (torch.randn; never zeros), optional varlen lengths."""
+        """q, k, v of this problem's inputs (fresh randn by default; never zeros), optional varlen
+        lengths (a recorded sample's own when it has them) and a randn output gradient."""
         import torch
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dt = _torch_dtype(self.dtype)
         shape_q = (self.batch, self.heads, self.seq_len, self.head_dim)
         shape_kv = (self.batch, self.kv_heads, self.seq_len, self.head_dim)
-        tensors = [torch.randn(s, generator=gen).to(device=device, dtype=dt) for s in (shape_q, shape_kv, shape_kv)]
-        for t in tensors:
-            t.requires_grad_(requires_grad)
+        family, value = parse_inputs(self.inputs)
+        recorded_lengths = None
+        if self.inputs == "randn":  # the original draw order: seeds keep their inputs
+            tensors = [torch.randn(s, generator=gen) for s in (shape_q, shape_kv, shape_kv)]
+        elif family == "recorded":
+            *tensors, recorded_lengths = recorded_inputs(value, shape_q, self.kv_heads)
+            if self.varlen and recorded_lengths is None:
+                raise ValueError(f"recorded sample {value} has no varlen lengths; the problem is varlen")
+        else:
+            tensors = [*synthetic_inputs(family, value, shape_q, self.kv_heads, gen, "cpu"),
+                       torch.randn(shape_kv, generator=gen)]
+        tensors = [t.to(device=device, dtype=dt).contiguous().requires_grad_(requires_grad) for t in tensors]
         lengths = None
-        if self.varlen:
+        if self.varlen and recorded_lengths is not None:
+            lengths = recorded_lengths.clamp(0, self.seq_len).to(device)
+        elif self.varlen:
             low = max(1, self.seq_len // 2)
             lengths = torch.randint(low, self.seq_len + 1, (self.batch,), generator=gen).to(device)
         grad = torch.randn(shape_q, generator=gen).to(device=device, dtype=dt)
@@ -348,22 +366,37 @@ def problem_for_entry(entry: Any) -> Problem:
         try:
             problem = problem_from_dict(stored)
             if problem.kernel == entry.kernel:
-                return problem
+                return _inputs_available(problem)
         except ValueError:
             log.debug("entry provenance holds a malformed problem %s; using its key", stored)
     return _problem_from_key(entry.kernel, entry.key, {})
+
+
+def _inputs_available(problem: Problem) -> Problem:
+    """``problem``, on randn inputs instead when its recorded sample file is gone (logged)."""
+    if isinstance(problem, AttentionProblem):
+        family, value = parse_inputs(problem.inputs)
+        if family == "recorded" and not Path(value).is_file():
+            log.warning("recorded sample %s is gone; using randn inputs for %s", value, problem.label())
+            return replace(problem, inputs="randn")
+    return problem
 
 
 def problems_from_record(path: str | Path, kernel: str | None = None) -> list[tuple[Problem, int]]:
     """Problems from an ``ADASPLASH_TUNE_RECORD`` file, most frequent key first, with counts.
 
     Each line is a JSON object with at least ``kernel`` and ``key`` (the problem key the runtime
-    looked up); optional ``shape``/``alpha`` fields give the exact call. Malformed lines are
-    skipped with a warning. ``kernel`` keeps only that kernel's lines.
+    looked up); optional ``shape``/``alpha`` fields give the exact call, ``count`` how many calls
+    the line stands for (default 1). A line with ``sample`` (a file written with
+    ``ADASPLASH_TUNE_RECORD_SAMPLES``) makes its key's problem tune on those inputs
+    (``inputs="recorded:FILE"``; the newest sample of a key wins; relative paths are relative to
+    the record file). Malformed lines are skipped with a warning. ``kernel`` keeps only that
+    kernel's lines.
     """
     counts: Counter[str] = Counter()
     first: dict[str, Problem] = {}
     order: dict[str, int] = {}
+    samples: dict[str, str] = {}
     text = Path(path).read_text(encoding="utf-8")
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -379,11 +412,21 @@ def problems_from_record(path: str | Path, kernel: str | None = None) -> list[tu
             log.warning("%s:%d: skipping malformed record line (%s)", path, lineno, exc)
             continue
         ident = json.dumps({"kernel": rec_kernel, "key": key}, sort_keys=True)
-        counts[ident] += int(record.get("count", 1)) if isinstance(record.get("count", 1), int) else 1
+        count = record.get("count", 1)
+        counts[ident] += count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else 1
         first.setdefault(ident, problem)
         order.setdefault(ident, len(order))
+        sample = record.get("sample")
+        if isinstance(sample, str) and sample and rec_kernel == "adasplash":
+            samples[ident] = str(Path(path).parent / sample)  # an absolute sample path stays as it is
     ranked = sorted(counts, key=lambda ident: (-counts[ident], order[ident]))
-    return [(first[ident], counts[ident]) for ident in ranked]
+    out = []
+    for ident in ranked:
+        problem = first[ident]
+        if ident in samples and isinstance(problem, AttentionProblem):
+            problem = replace(problem, inputs=f"recorded:{samples[ident]}")
+        out.append((problem, counts[ident]))
+    return out
 
 
 def dedupe(problems: Iterable[Problem], backend: str) -> list[Problem]:
