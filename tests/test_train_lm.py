@@ -140,6 +140,19 @@ def test_capture_loads_without_pickle(runs, name):
         assert entry["alpha"] == pytest.approx(expected)
 
 
+def test_a_capture_is_an_input_the_tuner_can_time_on(runs):
+    from safetensors.torch import load_file
+
+    from adasplash_tune.tuner.problems import AttentionProblem
+
+    path = runs["alpha1.5"].parent / "capture-alpha1.5" / "layer01.safetensors"
+    problem = AttentionProblem(batch=2, heads=4, kv_heads=4, seq_len=64, head_dim=16, causal=True,
+                               inputs=f"recorded:{path}")
+    made = problem.make_inputs("cpu", 0, requires_grad=False)
+    captured = load_file(str(path))
+    assert all(torch.equal(made[name][1], captured[name][0]) for name in "qkv")
+
+
 def test_capture_size_cap_keeps_fewer_heads(tmp_path):
     model = train_lm.ByteLM(2, 64, 4, 32, lambda: train_lm.EntmaxCore(4, 1.5, False, True))
     train_lm.init_weights(model, 0)

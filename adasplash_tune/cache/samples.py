@@ -141,7 +141,10 @@ def save_attention_sample(path: Path, key: Mapping[str, Any], q: Any, k: Any, v:
 
 
 def load_attention_sample(path: str | Path) -> dict[str, Any]:
-    """{"q", "k", "v", optional "varlen", "meta"} from a sample file; ValueError naming the file if malformed."""
+    """{"q", "k", "v", optional "varlen", "meta"} from a sample file; ValueError naming the file if malformed.
+
+    Any safetensors file with 4-d ``q``, ``k``, ``v`` (B, H, N, D) reads, e.g. the per-layer
+    captures of ``examples/train_lm.py --capture``; batch row 0 is used."""
     from safetensors import SafetensorError  # type: ignore[attr-defined]
     from safetensors.torch import load_file, safe_open
 
@@ -154,14 +157,14 @@ def load_attention_sample(path: str | Path) -> dict[str, Any]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"recorded sample {path} cannot be read: {exc}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format", FORMAT) != FORMAT:  # files without one (examples/train_lm.py --capture) are read
         raise ValueError(f"recorded sample {path} is not an adasplash-tune sample (format {meta.get('format')!r})")
     q, k, v = (tensors.get(name) for name in ("q", "k", "v"))
     if q is None or k is None or v is None or q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"recorded sample {path} lacks 4-d q, k, v tensors")
     if (q.shape[0], q.shape[2:]) != (k.shape[0], k.shape[2:]) or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
         raise ValueError(f"recorded sample {path}: q {tuple(q.shape)} and k {tuple(k.shape)} do not pair")
-    out: dict[str, Any] = {"q": q, "k": k, "v": v, "meta": meta}
+    out: dict[str, Any] = {"q": q[:1], "k": k[:1], "v": v[:1], "meta": meta}
     if "varlen" in tensors:
         out["varlen"] = tensors["varlen"]
     return out

@@ -115,13 +115,20 @@ def test_a_bad_sample_file_is_named_in_the_error(tmp_path, content, message):
     assert "bad.safetensors" in str(info.value)
 
 
-def test_a_foreign_safetensors_file_is_refused(tmp_path):
+def test_foreign_safetensors_files_are_refused_and_plain_qkv_files_read(tmp_path):
     from safetensors.torch import save_file
 
-    path = tmp_path / "weights.safetensors"
-    save_file({"q": torch.zeros(1, 1, 4, 16)}, str(path))
+    weights, other, capture = (tmp_path / f"{n}.safetensors" for n in ("weights", "other", "capture"))
+    save_file({"q": torch.zeros(1, 1, 4, 16)}, str(weights))
+    with pytest.raises(ValueError, match="lacks 4-d q, k, v"):
+        samples.load_attention_sample(weights)
+    q, k, v = _qkv(b=2)
+    save_file({"q": q, "k": k, "v": v}, str(other), metadata={"format": "something/2"})
     with pytest.raises(ValueError, match="not an adasplash-tune sample"):
-        samples.load_attention_sample(path)
+        samples.load_attention_sample(other)
+    save_file({"q": q, "k": k, "v": v}, str(capture), metadata={"layer": "1"})  # as train_lm --capture writes
+    loaded = samples.load_attention_sample(capture)
+    assert torch.equal(loaded["q"], q[:1]) and torch.equal(loaded["v"], v[:1])
 
 
 def test_the_recorded_problem_tunes_on_its_sample(tmp_path, monkeypatch):
