@@ -127,3 +127,20 @@ def test_verify_marks_a_failing_entry_and_the_loader_skips_it(tmp_path, monkeypa
     with open_store(str(cache)) as store:
         (entry,) = store.entries()
         assert entry.failed_verify
+
+
+def test_verify_checks_the_shipped_entries_for_this_device_without_marking_them(tmp_path):
+    shipped = tmp_path / "shipped" / "this-cpu.sqlite"
+    _store_entry(shipped, niter=12)
+    result = run("verify", "--json")  # an empty user cache: the shipped entry is still checked
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["source"] == "shipped" and row["status"] == "ok" and row["inputs"] == "randn"
+    assert json.loads(run("verify", "--json", "--no-shipped").stdout) == []
+    assert json.loads(run("verify", "--json", "--cache", str(tmp_path / "cache.sqlite")).stdout) == []
+
+    _store_entry(tmp_path / "shipped" / "other.sqlite", niter=1)  # a bad shipped entry: reported, not marked
+    before = shipped.with_name("other.sqlite").read_bytes()
+    result = run("verify")
+    assert result.exit_code == 1 and "2 checked, 1 failed (0 marked)" in result.output
+    assert shipped.with_name("other.sqlite").read_bytes() == before
