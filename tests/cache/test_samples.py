@@ -167,3 +167,38 @@ def test_a_sample_tiles_to_more_heads_keeping_the_groups(tmp_path):
     with pytest.raises(ValueError, match="no varlen lengths"):
         AttentionProblem(batch=1, heads=4, kv_heads=2, seq_len=24, head_dim=16, varlen=True,
                          inputs=f"recorded:{path}").make_inputs("cpu", 0, False)
+
+
+def test_samples_without_a_record_file_warn_once(tmp_path, monkeypatch, caplog):
+    from adasplash_tune import api
+
+    api._warn_samples_without_record.cache_clear()
+    monkeypatch.setenv(samples.ENV_SAMPLES, str(tmp_path / "samples"))
+    with caplog.at_level(logging.WARNING, logger="adasplash_tune"):
+        for n in (40, 300):
+            q, k, v = _qkv(n=n)
+            adasplash_tune.adasplash(q, k, v, 1.5, False, backend="torch")
+    assert caplog.text.count("ADASPLASH_TUNE_RECORD is not") == 1 and not (tmp_path / "samples").exists()
+
+
+def test_a_small_model_records_its_own_attention_for_tuning(tmp_path, monkeypatch):
+    """The user's flow: a model with AdaSplashAttention runs a few steps with recording on."""
+    from adasplash_tune.nn import AdaSplashAttention
+
+    record, folder = _record_env(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 64))
+    attn = AdaSplashAttention(embed_dim=64, num_heads=4, num_kv_heads=2, alpha=1.5, is_causal=True, backend="torch")
+    opt = torch.optim.SGD([*model.parameters(), *attn.parameters()], lr=0.1)
+    for _ in range(3):
+        x = model(torch.randint(0, 50, (2, 30)))
+        loss = attn(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    [(problem, count)] = problems_from_record(record, "adasplash")
+    assert count == 1 and problem.inputs.startswith("recorded:") and (problem.heads, problem.kv_heads) == (4, 2)
+    made = problem.make_inputs("cpu", 0, requires_grad=True)
+    assert made["q"].shape == (2, 4, 30, 16) and torch.isfinite(made["q"]).all()
+    out = problem.run(made, "torch", {"q_chunk": 16, "k_chunk": 64, "niter": 30})
+    assert torch.isfinite(out).all() and len(list(folder.iterdir())) == 1
