@@ -26,6 +26,10 @@ Input families (v and the output gradient are randn in both):
 * ``randn`` -- q = s randn, k = randn: scores ~ N(0, s^2). Unstructured: each row's few largest
   scores land in random key tiles, so the block density stays high at any s (reported as the
   contrast).
+* ``captured:FILE`` -- trained attention: q, k, v of one layer saved by ``examples/train_lm.py
+  --capture`` (or a sample recorded with ``ADASPLASH_TUNE_RECORD_SAMPLES``), tiled over batch and
+  heads, q times s (s > 1 sharpens the trained pattern; default scales 1, 2, 4). ``--seq-len`` and
+  ``--head-dim`` must be the capture's.
 
     python benchmarks/bench_sparsity.py                         # H200: (1,16,16384,64) bf16, ~2 min
     python benchmarks/bench_sparsity.py --non-causal --families local --scales 2,3,8
@@ -48,8 +52,9 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("bench_sparsity")
 
 FAMILIES = ("local", "randn")
-DEFAULT_SCALES = {"local": (1.0, 2.0, 2.25, 2.5, 3.0, 4.0, 8.0, 32.0), "randn": (1.0, 8.0, 64.0)}
-SMOKE_SCALES = {"local": (1.0, 16.0), "randn": (1.0,)}
+DEFAULT_SCALES = {"local": (1.0, 2.0, 2.25, 2.5, 3.0, 4.0, 8.0, 32.0), "randn": (1.0, 8.0, 64.0),
+                  "captured": (1.0, 2.0, 4.0)}
+SMOKE_SCALES = {"local": (1.0, 16.0), "randn": (1.0,), "captured": (1.0,)}
 DEFAULT_OUT = "benchmarks/results/h200-sparsity.json"
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
@@ -101,9 +106,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dtype = _DTYPES[dtype]
     args.causal_modes = {"causal": (True,), "non-causal": (False,)}.get(args.causal, (False, True))
     args.family_list = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in args.family_list if f not in FAMILIES]
+    bad = [f for f in args.family_list if f not in FAMILIES and not f.startswith("captured:")]
     if bad or not args.family_list:
-        p.error(f"--families: unknown {bad}; choose from {', '.join(FAMILIES)}")
+        p.error(f"--families: unknown {bad}; choose from {', '.join(FAMILIES)} or captured:FILE")
+    missing = [f for f in args.family_list if f.startswith("captured:") and not Path(f[9:]).is_file()]
+    if missing:
+        p.error(f"--families: no such capture file: {', '.join(f[9:] for f in missing)}")
     if args.scales:
         try:
             scales = tuple(float(s) for s in args.scales.split(","))
@@ -114,7 +122,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.scale_map = {f: scales for f in args.family_list}
     else:
         table = SMOKE_SCALES if smoke else DEFAULT_SCALES
-        args.scale_map = {f: table[f] for f in args.family_list}
+        args.scale_map = {f: table["captured" if f.startswith("captured:") else f] for f in args.family_list}
     args.density_16 = args.density_16 or smoke
     args.corr_len = args.corr_len or max(1.0, args.seq_len / 64)
     args.warmup_ms = (0.0 if smoke else 25.0) if args.warmup_ms is None else args.warmup_ms
@@ -132,14 +140,18 @@ def make_inputs(family: str, scale: float, shape: Sequence[int], dtype, device: 
     families are the tuner's, ``adasplash_tune.tuner.inputs``)."""
     import torch
 
-    from adasplash_tune.tuner.inputs import synthetic_inputs
+    from adasplash_tune.tuner.inputs import recorded_inputs, synthetic_inputs
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown input family {family!r}; choose from {', '.join(FAMILIES)}")
     b, h, n, d = shape
     gen = torch.Generator(device=device).manual_seed(seed)
-    q, k = synthetic_inputs(family, scale, shape, h, gen, device, corr_len)
-    v = torch.randn(b, h, n, d, generator=gen, device=device)
+    if family.startswith("captured:"):
+        q, k, v, _ = recorded_inputs(family[9:], shape, h)
+        q, k, v = (t.to(device=device, dtype=torch.float32) for t in (scale * q.float(), k, v))
+    elif family in FAMILIES:
+        q, k = synthetic_inputs(family, scale, shape, h, gen, device, corr_len)
+        v = torch.randn(b, h, n, d, generator=gen, device=device)
+    else:
+        raise ValueError(f"unknown input family {family!r}; choose from {', '.join(FAMILIES)} or captured:FILE")
     grad = torch.randn(b, h, n, d, generator=gen, device=device)
     return tuple(t.to(dtype).contiguous() for t in (q, k, v, grad))  # type: ignore[return-value]
 

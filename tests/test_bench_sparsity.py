@@ -94,3 +94,20 @@ def test_cpu_smoke_end_to_end(tmp_path):
         assert local[16.0]["density_16"] < local[1.0]["density_16"]  # larger logits: sparser mask
     assert set(report["crossover"]) == {"causal", "non-causal"}
     assert set(report["crossover"]["causal"]) == {"pooled", "local", "randn"}
+
+
+def test_captured_family_reads_a_capture_and_sharpens_it(bench, tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=gen) for _ in range(3))
+    path = tmp_path / "layer01.safetensors"
+    save_file({"q": q, "k": k, "v": v}, str(path), metadata={"layer": "1"})
+    args = bench._parse(["--cpu-smoke", "--families", f"captured:{path},local", "--seq-len", "32"])
+    assert args.scale_map[f"captured:{path}"] == (1.0,) and args.scale_map["local"] == (1.0, 16.0)
+    q2, k2, v2, g = bench.make_inputs(f"captured:{path}", 3.0, (2, 4, 32, 16), torch.float32, "cpu", 0, 1.0)
+    assert q2.shape == (2, 4, 32, 16) and torch.equal(q2[1, 2:], 3.0 * q[0]) and torch.equal(v2[0, :2], v[0])
+    with pytest.raises(SystemExit):
+        bench._parse(["--families", f"captured:{tmp_path / 'missing.safetensors'}"])
+    with pytest.raises(ValueError, match="N x D"):
+        bench.make_inputs(f"captured:{path}", 1.0, (1, 2, 64, 16), torch.float32, "cpu", 0, 1.0)
