@@ -26,7 +26,8 @@ case "$part" in
     tail -n 30 "$out/stages.log"
     ;;
   learned)
-    run alpha-learned --attention adasplash --alpha learned --time-budget 240 --capture "$out/capture-alpha-learned"
+    # one attention call per head (24 per step): 5000 steps need ~300 s; the 2026-12-02 run had 240 s
+    run alpha-learned --attention adasplash --alpha learned --time-budget 330 --capture "$out/capture-alpha-learned"
     ;;
   backends)
     small=(--seq-len 512 --batch 8 --steps 300 --time-budget 100 --eval-every 50)
