@@ -285,18 +285,8 @@ def _record_sample(sel: Selection, q, k, v, varlen, alpha: float, is_causal: boo
     from .cache.samples import record_attention_sample
     from .device import fingerprint
 
-    record = os.environ.get(ENV_RECORD)
-    if not record:
-        _warn_samples_without_record()
-        return
-    record_attention_sample(record, os.environ[ENV_SAMPLES], sel.key, fingerprint(q.device).device_id,
-                            q, k, v, varlen, alpha, is_causal, scale)
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_samples_without_record() -> None:
-    log.warning("%s is set but ADASPLASH_TUNE_RECORD is not: no input samples are saved (they are named in "
-                "the record file)", ENV_SAMPLES)
+    record_attention_sample(os.environ.get(ENV_RECORD), os.environ[ENV_SAMPLES], sel.key,
+                            fingerprint(q.device).device_id, q, k, v, varlen, alpha, is_causal, scale)
 
 
 def _traced_adasplash(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config) -> Tensor:

@@ -71,11 +71,16 @@ def _cap_bytes() -> float:
     return value * 2 ** 20
 
 
-def record_attention_sample(record: str, directory: str, key: Mapping[str, Any], device_id: str, q: Any, k: Any,
-                            v: Any, varlen: Any, alpha: float, is_causal: bool, scale: float) -> Path | None:
-    """Save the call's sample once per (directory, key) in this process and append its record line."""
-    from .loader import append_record
+def record_attention_sample(record: str | None, directory: str, key: Mapping[str, Any], device_id: str, q: Any,
+                            k: Any, v: Any, varlen: Any, alpha: float, is_causal: bool, scale: float) -> Path | None:
+    """Save the call's sample once per (directory, key) in this process and append its line to the
+    ``record`` file (None: no record file, nothing saved; warned once)."""
+    from .loader import ENV_RECORD, append_record
 
+    if not record:
+        _warn_once("no-record", "%s is set but %s is not: no input samples are saved (they are named in the "
+                   "record file)", ENV_SAMPLES, ENV_RECORD)
+        return None
     ident = (str(directory), json.dumps(dict(key), sort_keys=True))
     with _LOCK:
         if ident in _SAVED:
@@ -146,7 +151,7 @@ def load_attention_sample(path: str | Path) -> dict[str, Any]:
     Any safetensors file with 4-d ``q``, ``k``, ``v`` (B, H, N, D) reads, e.g. the per-layer
     captures of ``examples/train_lm.py --capture``; batch row 0 is used."""
     from safetensors import SafetensorError  # type: ignore[attr-defined]
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -154,7 +159,7 @@ def load_attention_sample(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"recorded sample {path} cannot be read: {exc}") from None
     if meta.get("format", FORMAT) != FORMAT:  # files without one (examples/train_lm.py --capture) are read

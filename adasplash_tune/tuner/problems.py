@@ -128,9 +128,7 @@ class AttentionProblem:
         shape_kv = (self.batch, self.kv_heads, self.seq_len, self.head_dim)
         family, value = parse_inputs(self.inputs)
         recorded_lengths = None
-        if self.inputs == "randn":  # the original draw order: seeds keep their inputs
-            tensors = [torch.randn(s, generator=gen) for s in (shape_q, shape_kv, shape_kv)]
-        elif family == "recorded":
+        if family == "recorded":
             *tensors, recorded_lengths = recorded_inputs(value, shape_q, self.kv_heads)
             if self.varlen and recorded_lengths is None:
                 raise ValueError(f"recorded sample {value} has no varlen lengths; the problem is varlen")

@@ -170,9 +170,6 @@ def test_a_sample_tiles_to_more_heads_keeping_the_groups(tmp_path):
 
 
 def test_samples_without_a_record_file_warn_once(tmp_path, monkeypatch, caplog):
-    from adasplash_tune import api
-
-    api._warn_samples_without_record.cache_clear()
     monkeypatch.setenv(samples.ENV_SAMPLES, str(tmp_path / "samples"))
     with caplog.at_level(logging.WARNING, logger="adasplash_tune"):
         for n in (40, 300):
