@@ -5,7 +5,9 @@ Parts (``--parts``, default all):
 * ``host``: microseconds of host time per call (enqueue only: no synchronisation inside the timed
   loop) at tiny shapes, for ``adasplash`` forward, forward+backward and ``entmax``, against SDPA
   and softmax; beside them the backend's own entry point ("alone") and the API over a backend that
-  only allocates its outputs ("null backend": the API's own cost, validation, memo and autograd).
+  only allocates its outputs ("null backend": the API's own cost, validation, memo and autograd),
+  and on CUDA the same call with ``ADASPLASH_TUNE_DIRECT_LAUNCH=0`` ("triton path": every kernel
+  through Triton's own per-call dispatch instead of kernels/launch.py's direct re-launch).
   ``wall_us`` adds the final synchronisation (per call, over the batch).
 * ``train``: one training step (forward, backward, AdamW) of a BERT-sized encoder, 12 layers of
   width 768 with 12 heads in bfloat16, at batch 8 x N = 512 and batch 1 x N = 8192, with
@@ -172,12 +174,28 @@ def host_part(cuda: bool, quick: bool, calls: int, repeats: int) -> dict[str, An
             row = {name: per_call_us(fn, calls, repeats, cuda) if fn else None for name, fn in fns.items()}
             with null_backend():
                 row["null_backend"] = per_call_us(fns["adasplash"], calls, repeats, cuda)
+            with _direct_launch(False):  # every kernel through Triton's own dispatch, for comparison
+                row["triton_dispatch"] = per_call_us(fns["adasplash"], calls, repeats, cuda) if cuda else None
             row["ratio_to_sdpa"] = row["adasplash"]["host_us"] / row["sdpa"]["host_us"]
             row["api_overhead_us"] = row["null_backend"]["host_us"]
             results[case] = row
         return results
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _direct_launch(on: bool):
+    """ADASPLASH_TUNE_DIRECT_LAUNCH set for the duration (kernels/launch.py reads it per call)."""
+    before = os.environ.get("ADASPLASH_TUNE_DIRECT_LAUNCH")
+    os.environ["ADASPLASH_TUNE_DIRECT_LAUNCH"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ADASPLASH_TUNE_DIRECT_LAUNCH", None)
+        else:
+            os.environ["ADASPLASH_TUNE_DIRECT_LAUNCH"] = before
 
 
 # --------------------------------------------------------------------------- train part
@@ -438,13 +456,14 @@ def _table(report: dict[str, Any]) -> str:
         lines += ["", f"host time per call, us ({host['clock']}; {host['backend']} backend, "
                   f"attention {tuple(host['attention_shape'])}, entmax {tuple(host['entmax_shape'])}, {host['dtype']})",
                   f"{'case':<18}{'adasplash':>11}{'sdpa/softmax':>14}{'ratio':>8}{'alone':>9}{'null bknd':>10}"
-                  f"{'wall ours':>11}{'wall ref':>10}"]
+                  f"{'wall ours':>11}{'wall ref':>10}{'triton path':>13}"]
         for case in ("forward", "forward_backward", "entmax"):
             r = host[case]
             alone = "-" if r["backend_alone"] is None else f"{r['backend_alone']['host_us']:.1f}"
+            slow = "-" if not r.get("triton_dispatch") else f"{r['triton_dispatch']['host_us']:.1f}"
             lines.append(f"{case:<18}{r['adasplash']['host_us']:>11.1f}{r['sdpa']['host_us']:>14.1f}"
                          f"{r['ratio_to_sdpa']:>8.2f}{alone:>9}{r['api_overhead_us']:>10.1f}"
-                         f"{r['adasplash']['wall_us']:>11.1f}{r['sdpa']['wall_us']:>10.1f}")
+                         f"{r['adasplash']['wall_us']:>11.1f}{r['sdpa']['wall_us']:>10.1f}{slow:>13}")
     train = report.get("train")
     if isinstance(train, list):
         lines += ["", "training step (forward, backward, AdamW)",

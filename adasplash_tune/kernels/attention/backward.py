@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import launch
 from ..powers import pow_b, pow_bm1
 from ..problem import integer_b
 from ..spec import Config
@@ -325,7 +326,7 @@ def sparse_backward_kv(
     dk = alloc(k.shape, k.dtype, k.device)
     dv = alloc(v.shape, v.dtype, v.device)
     lens = varlen if varlen is not None else tau
-    _bwd_kv_kernel[(lists.n_own, geo.batch * geo.kv_heads)](
+    launch(_bwd_kv_kernel, (lists.n_own, geo.batch * geo.kv_heads),
         q, k, v, grad_out, tau, inv_l, delta, dk, dv, lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.kv_heads, geo.group, lists.n_own, lists.n_cand,
         *_common_args(alpha, scale),
@@ -348,7 +349,7 @@ def sparse_backward_q(
     dq = alloc(q.shape, q.dtype, q.device)
     delta = alloc((geo.rows, geo.seq_len), torch.float32, q.device)
     lens = varlen if varlen is not None else tau
-    _bwd_q_kernel[(lists.n_own, geo.rows)](
+    launch(_bwd_q_kernel, (lists.n_own, geo.rows),
         q, k, v, grad_out, tau, inv_l, delta, dq, alpha_rows if alpha_rows is not None else delta,
         lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
@@ -374,7 +375,7 @@ def sparse_backward_fused(
     dv = alloc(v.shape, v.dtype, v.device)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lens = varlen if varlen is not None else tau
-    _bwd_fused_kernel[(lists.n_own, geo.batch * geo.kv_heads)](
+    launch(_bwd_fused_kernel, (lists.n_own, geo.batch * geo.kv_heads),
         q, k, v, grad_out, o2, tau, inv_l, dk, dv, dq, lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.kv_heads, geo.group, lists.n_own, lists.n_cand,
         *_common_args(alpha, scale),

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import launch
 from ..powers import pow_b, pow_bm1
 from ..problem import integer_b
 from ..spec import Config
@@ -145,7 +146,7 @@ def sparse_forward(
         inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if inv_l_out is None else inv_l_out
     o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
     lens = varlen if varlen is not None else tau
-    _fwd_kernel[(lists.n_own, geo.rows)](
+    launch(_fwd_kernel, (lists.n_own, geo.rows),
         q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens,
         geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
         (alpha - 1.0) * scale, 1.0 / (alpha - 1.0),

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import launch
 from .common import Geometry
 
 __all__ = ["tile_lists", "list_size", "TileLists"]
@@ -124,7 +125,7 @@ def tile_lists(
     count = torch.empty((geo.rows, n_own, 2), dtype=torch.int32, device=mask.device)
     chunk = min(_CHUNK, triton.next_power_of_2(n_cand))
     lens = varlen if varlen is not None else count
-    _list_kernel[(n_own, geo.rows)](
+    launch(_list_kernel, (n_own, geo.rows),
         mask, index, count, lens, tm, tn, n_own, n_cand, geo.seq_len, geo.q_heads, own_block, cand_block,
         R_OWN=r_own, R_CAND=r_cand, CHUNK=chunk, TRANSPOSED=transposed, IS_CAUSAL=is_causal,
         HAS_VARLEN=varlen is not None, num_warps=4,

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..declarations.attention import TAU_TOL_AUTO
+from ..launch import launch
 from ..powers import tau_terms
 from ..problem import integer_b
 from ..spec import Config
@@ -462,7 +463,7 @@ def solve_tau(
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
     lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
-    _tau_kernel[(n_mblocks, geo.rows)](
+    launch(_tau_kernel, (n_mblocks, geo.rows),
         q, k, tau, mask, scratch, lens, stats if stats is not None else tau,
         geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, triton.cdiv(geo.seq_len, bns),
         (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 1.0 - alpha, resolve_tol(config, q.dtype, alpha),
