@@ -5,10 +5,12 @@
 #   bash benchmarks/train_lm_h200.sh backends OUT  # alpha = 1.5, N = 512: the Triton and torch backends agree
 #   bash benchmarks/train_lm_h200.sh n8192 OUT     # step time and peak memory at N = 8192
 #   bash benchmarks/train_lm_h200.sh variants OUT  # alpha = 1.5 with scores x 2, alpha = 1.25 (two runs at once)
+#   bash benchmarks/train_lm_h200.sh schedule OUT  # alpha = 1.5 warmed up from 1.25 and from 1.1 over 2500 steps
+#                                                  # (two runs at once; validation at the alpha in force)
 # Each run writes OUT/NAME/{config.json,metrics.jsonl,summary.json} and OUT/NAME.log;
 # examples/plot_train_lm.py then compares the run folders (it needs matplotlib for the PNG).
 set -euo pipefail
-part=${1:?n2048, learned, backends, n8192 or variants}
+part=${1:?n2048, learned, backends, n8192, variants or schedule}
 out=${2:?output folder}
 mkdir -p "$out"
 run() {  # NAME ARGS...: one training run, its log kept whole, its tail shown
@@ -43,6 +45,11 @@ case "$part" in
   variants)  # both on the GPU at once: their losses are as alone, their step times are not
     run alpha1.5-scale2 --attention adasplash --alpha 1.5 --score-scale 2 --time-budget 0 &
     run alpha1.25 --attention adasplash --alpha 1.25 --time-budget 0 &
+    wait
+    ;;
+  schedule)  # both on the GPU at once, as variants; alpha reaches 1.5 at step 2500 and stays for the rest
+    run alpha1.5-from1.25 --attention adasplash --alpha 1.5 --alpha-start 1.25 --alpha-warmup 2500 --time-budget 0 &
+    run alpha1.5-from1.1 --attention adasplash --alpha 1.5 --alpha-start 1.1 --alpha-warmup 2500 --time-budget 0 &
     wait
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;

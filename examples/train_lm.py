@@ -9,8 +9,8 @@ adasplash-tune is used: ``adasplash_tune.nn.AdaSplashAttention`` (a fixed alpha,
 
 It writes to ``--out``: ``config.json`` (the run's settings, corpus and model), ``metrics.jsonl``
 (one JSON object per log point: step, wall time, train and validation loss, step time, tokens/s,
-peak memory, alpha per head and, at three checkpoints, the block density of each layer's
-attention at 16x16 and 64x64 tiles) and ``summary.json``; ``--capture DIR`` also saves the q/k/v
+peak memory, alpha per head (learned or scheduled) and, at three checkpoints, the block density
+of each layer's attention at 16x16 and 64x64 tiles) and ``summary.json``; ``--capture DIR`` also saves the q/k/v
 of one validation sequence per layer (safetensors + ``manifest.json``) at the end. A summary
 table is printed at the end. ``examples/plot_train_lm.py`` compares runs and draws the curves.
 
@@ -30,6 +30,13 @@ then the N = 8192 probes (step time and peak memory only; the same 16k tokens pe
     python examples/train_lm.py --attention sdpa $N8K --out $OUT/n8192-sdpa
     python examples/train_lm.py --attention adasplash --alpha 1.5 $N8K --out $OUT/n8192-alpha1.5
     python examples/train_lm.py --attention adasplash --alpha learned $N8K --out $OUT/n8192-alpha-learned
+
+A fixed alpha can be reached through a warm-up from a denser one: ``--alpha-start A0 --alpha-warmup
+STEPS`` moves alpha linearly from A0 to ``--alpha`` over STEPS steps (rounded to 0.01), then keeps it;
+validation uses the alpha in force at its step. E.g.
+
+    python examples/train_lm.py --attention adasplash --alpha 1.5 --alpha-start 1.25 --alpha-warmup 2500 \
+        --time-budget 0 --out $OUT/alpha1.5-from1.25
 
 A learned alpha per head runs one attention call per head (``adasplash`` takes one alpha per call),
 so that run may reach fewer steps in the time budget; compare runs at equal steps
@@ -203,8 +210,15 @@ class EntmaxCore(nn.Module):
         return torch.cat([m(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1]) for h, m in enumerate(self.attn)], 1)
 
     def alphas(self) -> list[float]:
-        values = [float(torch.as_tensor(m.alpha).detach()) for m in self.attn]
+        values = [float(m.alpha.detach()) if m.learn_alpha else m.alpha for m in self.attn]  # a float stays exact
         return values * self.heads if len(values) == 1 else values
+
+    def set_alpha(self, alpha: float) -> None:
+        """Replace a fixed alpha (the module reads its ``_alpha`` on every call); a learned one raises."""
+        for m in self.attn:
+            if m.learn_alpha:
+                raise ValueError("a learned alpha is a parameter: it cannot be scheduled")
+            m._alpha = alpha
 
 
 class Block(nn.Module):
@@ -246,6 +260,11 @@ class ByteLM(nn.Module):
     def alphas(self) -> list[list[float]] | None:
         per_layer = [block.core.alphas() for block in self.blocks]
         return None if per_layer[0] is None else per_layer
+
+    def set_alpha(self, alpha: float) -> None:
+        """Give every layer's entmax attention the fixed ``alpha`` (the alpha schedule)."""
+        for block in self.blocks:
+            block.core.set_alpha(alpha)
 
 
 def init_weights(model: ByteLM, seed: int) -> None:
@@ -296,6 +315,24 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def scheduled_alpha(step: int, start: float, target: float, warmup: int) -> float:
+    """The alpha in force at 0-based ``step``: linear from ``start`` to ``target`` over ``warmup`` steps,
+    rounded to 0.01 (few distinct values: the library's per-alpha caches stay small) and kept between
+    the two ends; exactly ``target`` from step ``warmup`` on."""
+    if step >= warmup:
+        return target
+    value = round(start + (target - start) * step / warmup, 2)
+    return min(max(value, min(start, target)), max(start, target))
+
+
+def alpha_schedule(args: argparse.Namespace) -> Callable[[int], float] | None:
+    """The run's alpha at each step, or None without ``--alpha-start``."""
+    if args.alpha_start is None:
+        return None
+    target = float(args.alpha)
+    return lambda step: scheduled_alpha(step, args.alpha_start, target, args.alpha_warmup)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -470,7 +507,8 @@ class Recorder:
             "step_time_s": seconds / n if n else None, "tokens_per_s": self.tokens_per_step * n / seconds if n else None,
             "tokens_seen": step * self.tokens_per_step,
             "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.cuda else None,
-            "warmup": step <= WARMUP_RECORD_STEP, "alpha": self.model.alphas() if args.alpha == "learned" else None,
+            "warmup": step <= WARMUP_RECORD_STEP,
+            "alpha": self.model.alphas() if args.alpha == "learned" or args.alpha_start else None,
             "density": None, "nonfinite": bool(self.bad) if self.bad is not None else False,
         }
         if evaluate_now and not rec["nonfinite"]:
@@ -522,9 +560,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"({corpus.files} files); writing {out}", flush=True)
 
     recorder = Recorder(metrics_path, model, val_set, device, args)
+    schedule = alpha_schedule(args)
     due = ["first", "mid", "end"]
     stop_reason, step = "steps", 0
     try:
+        if schedule is not None:
+            model.set_alpha(schedule(0))
         recorder.record(0, evaluate_now=True, density_now=False)
         recorder.restart_clock()  # the step-0 evaluation is not training time
         for step in range(1, args.steps + 1):
@@ -539,6 +580,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             recorder.add_step(loss, grad_norm)
+            if schedule is not None:  # the alpha of this step's record (its validation) and of the next step
+                model.set_alpha(schedule(step))
 
             elapsed = recorder.elapsed()
             out_of_time = args.time_budget > 0 and elapsed >= args.time_budget
@@ -574,6 +617,9 @@ def describe(args: argparse.Namespace, corpus: Corpus, model: ByteLM, device: to
         "alpha": None if args.attention == "sdpa" else args.alpha,
         "alpha_init": args.alpha_init if args.alpha == "learned" else None,
         "alpha_per": args.alpha_per if args.alpha == "learned" else None,
+        "alpha_schedule": None if args.alpha_start is None else {
+            "start": args.alpha_start, "target": float(args.alpha), "warmup_steps": args.alpha_warmup,
+            "rounding": 0.01, "rule": "alpha(t) = start + (target - start) * min(1, t / warmup_steps), rounded"},
         "args": dict(vars(args)),
         "corpus": {"source": corpus.source, "files": corpus.files, "sha256": corpus.sha256,
                    "train_bytes": corpus.train.numel(), "val_bytes": corpus.val.numel()},
@@ -591,6 +637,8 @@ def run_name(args: argparse.Namespace) -> str:
         kind = "softmax (sdpa)"
     elif args.alpha == "learned":
         kind = f"entmax, learned alpha per {args.alpha_per}"
+    elif args.alpha_start is not None:
+        kind = f"entmax, alpha={args.alpha_start:g}->{float(args.alpha):g} over {args.alpha_warmup} steps"
     else:
         kind = f"entmax, alpha={float(args.alpha):g}"
     if args.attention == "adasplash" and args.score_scale != 1.0:
@@ -659,6 +707,9 @@ def summary_table(summary: dict[str, Any]) -> str:
         for point in summary["density"]:
             for d in point["layers"]:
                 lines.append(f"  {point['step']:>6} {d['layer']:>5}  {d['tile16']:.3f}   {d['tile64']:.3f}")
+    if summary.get("alpha_schedule"):
+        sched = summary["alpha_schedule"]
+        lines.append(f"alpha schedule: {sched['start']:g} -> {sched['target']:g} over {sched['warmup_steps']} steps")
     if summary["alpha_final"] is not None:
         lines.append("alpha per head (final):")
         for layer, values in enumerate(summary["alpha_final"]):
@@ -681,6 +732,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", default=None,
                    help="adasplash: a fixed alpha in (1, 2], or 'learned' (default 1.5)")
     p.add_argument("--alpha-init", type=float, default=1.5, help="initial value of a learned alpha")
+    p.add_argument("--alpha-start", type=float, default=None, metavar="A0",
+                   help="adasplash, fixed --alpha: start at alpha A0 in (1, 2] and move linearly to --alpha over "
+                        "--alpha-warmup steps (rounded to 0.01); validation uses the alpha in force at its step, "
+                        "so the final one is at --alpha when the warm-up ends before the run stops; None: no schedule")
+    p.add_argument("--alpha-warmup", type=int, default=0, metavar="STEPS",
+                   help="length of the --alpha-start warm-up in steps (at least 1 with --alpha-start)")
     p.add_argument("--score-scale", type=float, default=1.0,
                    help="adasplash: scores are q.k * SCORE_SCALE / sqrt(head dim); 1 / (alpha - 1) gives entmax's "
                         "(alpha - 1)-scaled scores the logits softmax sees")
@@ -731,6 +788,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 p.error(f"--alpha {args.alpha}: must be in (1, 2]")
         if not 1.0 < args.alpha_init < 2.0:
             p.error(f"--alpha-init {args.alpha_init}: a learned alpha lives in (1, 2)")
+    check_alpha_schedule(p, args)
     for name in ("seq_len", "batch", "steps", "layers", "width", "heads", "log_every", "eval_windows"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -746,6 +804,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--val-fraction must be in (0, 1)")
     if args.eval_every < 0 or args.time_budget < 0:
         p.error("--eval-every and --time-budget must be >= 0")
+
+
+def check_alpha_schedule(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--alpha-start / --alpha-warmup: a warm-up towards a fixed numeric --alpha of adasplash attention."""
+    if args.alpha_warmup < 0:
+        p.error(f"--alpha-warmup {args.alpha_warmup}: must be >= 0")
+    if args.alpha_start is None:
+        if args.alpha_warmup:
+            p.error("--alpha-warmup needs --alpha-start (the alpha the warm-up starts from)")
+        return
+    if args.attention != "adasplash":
+        p.error("--alpha-start applies to --attention adasplash")
+    if args.alpha == "learned":
+        p.error("--alpha-start needs a fixed numeric --alpha (a learned alpha is trained, not scheduled)")
+    if not 1.0 < args.alpha_start <= 2.0:
+        p.error(f"--alpha-start {args.alpha_start}: must be in (1, 2]")
+    if args.alpha_warmup < 1:
+        p.error("--alpha-start needs --alpha-warmup STEPS >= 1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
