@@ -3,35 +3,49 @@
 For each input family and logit scale ``s`` (inputs made sparser as ``s`` grows: larger logits
 shrink the alpha-entmax support), one point:
 
-* the block density of our own mask (``forward_stages`` + ``block_density``: the share of active
-  mask tiles among tiles holding any valid pair, at the selected config's mask tile);
+* the block density of our own mask at 16x16 and at 64x64 tiles (``forward_stages`` +
+  ``block_density``: the share of active mask tiles among tiles holding any valid pair; the
+  selected config with its mask tile replaced, or the default config where the selected one's
+  compute tiles are not multiples of that tile);
 * forward and forward+backward medians (``tuner.timing.measure``: CUDA events, L2 flushed before
-  every rep) of ``adasplash_tune.adasplash(..., backend="triton")`` with the config the loader
-  selects, and of ``torch.nn.functional.scaled_dot_product_attention`` on the same q, k, v;
-* our output (and gradient) error against the fp64 oracle on batch 0, head 0.
+  every rep) of each method on the same q, k, v: ``ours-selected`` (``adasplash_tune.adasplash(...,
+  backend="triton")`` with the config the loader selects), ``ours-default`` (the declared default
+  config), ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``) and, at the points named
+  by ``--v2``, ``upstream-v2`` (``adasplash.adasplash_v2`` of the upstream package: causal, alpha =
+  1.5 only; it autotunes for 40-107 s on its first call per shape, which is run once, untimed,
+  on the first v2 point's inputs; where it cannot run, the point records why);
+* each method's output (and gradient) error against the fp64 oracle on batch 0, head 0.
 
-Then, per causal mode and family (and pooled over families), the crossover: the density,
-interpolated linearly between neighbouring points, at which our fwd+bwd time equals SDPA's.
+Then, per causal mode, family (and pooled over families) and method, the crossover: the density,
+interpolated linearly between neighbouring points, at which its time equals SDPA's.
 
-Input families (v and the output gradient are randn in both):
+Input families (v and the output gradient are randn in all):
 
 * ``local`` -- sink + locality, the pattern of "attention sink + sliding window" models. Per head,
   white noise smoothed along the sequence by a Gaussian window (std ``--corr-len`` tokens, default
   N/64) gives unit directions w_i orthogonal to a fixed axis e. Keys: k_0 = e (the sink),
   k_j = w_j; queries q_i = s (e + w_i); both times D^(1/4), so the score of query i is s on the
   sink and on itself, and s cos(w_i, w_j) on key j: large scores cluster on the diagonal band and
-  the sink column. The sink also matters for our mask: with the default ``mask_source="max"`` a
-  key tile is active when a score is within 1/(alpha-1) of the *running* row max, so a row whose
-  max arrives late (on the diagonal) keeps many early tiles; the sink puts the max in tile 0.
+  the sink column. The sink also matters for our mask: with ``mask_source="max"`` a key tile is
+  active when a score is within 1/(alpha-1) of the *running* row max, so a row whose max arrives
+  late (on the diagonal) keeps many early tiles; the sink puts the max in tile 0.
 * ``randn`` -- q = s randn, k = randn: scores ~ N(0, s^2). Unstructured: each row's few largest
-  scores land in random key tiles, so the block density stays high at any s (reported as the
-  contrast).
+  scores land in random key tiles, so the block density stays high at any s (the contrast).
 * ``captured:FILE`` -- trained attention: q, k, v of one layer saved by ``examples/train_lm.py
   --capture`` (or a sample recorded with ``ADASPLASH_TUNE_RECORD_SAMPLES``), tiled over batch and
   heads, q times s (s > 1 sharpens the trained pattern; default scales 1, 2, 4). ``--seq-len`` and
   ``--head-dim`` must be the capture's.
 
-    python benchmarks/bench_sparsity.py                         # H200: (1,16,16384,64) bf16, ~2 min
+The JSON: ``rows``, one per (point, method, pass) -- family, s, shape, causal, density_16,
+density_64, method, pass ("fwd" | "fwd+bwd"), time_ms, ratio_sdpa (time_ms over SDPA's of the same
+pass at the same point) and err (fp64-oracle error: of the output for "fwd", of the gradients for
+"fwd+bwd"); ``points`` (per point: densities, config source, error gate, notes such as a skipped
+v2); ``skipped`` (the points not run once ``--budget`` was spent) and ``crossover``.
+``benchmarks/plot_sparsity.py`` plots ratio_sdpa against density.
+
+    python benchmarks/bench_sparsity.py                         # H200: (1,16,16384,64) bf16, both modes
+    python benchmarks/bench_sparsity.py --causal --families randn,local --v2 randn:1,local:3 \\
+        --budget 240 --err-budget 240 --out benchmarks/results/h200-sparsity-crossover.json
     python benchmarks/bench_sparsity.py --non-causal --families local --scales 2,3,8
     python benchmarks/bench_sparsity.py --cpu-smoke --out /tmp/sp.json   # CPU, Triton interpreter
 """
@@ -52,9 +66,12 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("bench_sparsity")
 
 FAMILIES = ("local", "randn")
-DEFAULT_SCALES = {"local": (1.0, 2.0, 2.25, 2.5, 3.0, 4.0, 8.0, 32.0), "randn": (1.0, 8.0, 64.0),
+DEFAULT_SCALES = {"local": (1.0, 2.0, 2.25, 2.5, 3.0, 4.0, 8.0, 32.0), "randn": (1.0, 4.0, 8.0, 16.0, 32.0),
                   "captured": (1.0, 2.0, 4.0)}
 SMOKE_SCALES = {"local": (1.0, 16.0), "randn": (1.0,), "captured": (1.0,)}
+METHODS = ("ours-selected", "ours-default", "upstream-v2", "sdpa")
+PASSES = ("fwd", "fwd+bwd")
+TILES = (16, 64)
 DEFAULT_OUT = "benchmarks/results/h200-sparsity.json"
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
@@ -82,11 +99,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         + "; ".join(f"{f}: {','.join(map(str, s))}" for f, s in DEFAULT_SCALES.items()) + ")")
     p.add_argument("--corr-len", type=float, default=None, help="local family: correlation length in tokens "
                    "(std of the Gaussian smoothing window; default N/64)")
+    p.add_argument("--v2", default="", metavar="POINTS",
+                   help="also time upstream adasplash v2 (causal, alpha 1.5; its first call autotunes for "
+                        "40-107 s per shape) at these points: comma list of FAMILY (all its scales), "
+                        "FAMILY:S, or 'all' (default: none)")
     p.add_argument("--grad-err", choices=("all", "none"), default="all",
                    help="also check gradients against the fp64 oracle (one head)")
-    p.add_argument("--density-16", action="store_true",
-                   help="also report the density at 16x16 mask tiles (always on with --cpu-smoke)")
-    p.add_argument("--time-budget", type=float, default=100.0,
+    p.add_argument("--budget", type=float, default=None,
+                   help="total seconds: no point (and no v2 first call) starts past this; the JSON keeps "
+                        "the points that finished and lists the others as skipped (default: no limit)")
+    p.add_argument("--err-budget", "--time-budget", dest="err_budget", type=float, default=100.0,
                    help="seconds: past this, the remaining points skip the fp64 oracle checks")
     p.add_argument("--warmup-ms", type=float, default=None, help="timing warm-up (default 25; smoke 0)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing repetition time (default 100; smoke 0)")
@@ -123,12 +145,43 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     else:
         table = SMOKE_SCALES if smoke else DEFAULT_SCALES
         args.scale_map = {f: table["captured" if f.startswith("captured:") else f] for f in args.family_list}
-    args.density_16 = args.density_16 or smoke
+    try:
+        args.v2_points = v2_points(args.v2, args.scale_map)
+    except ValueError as exc:
+        p.error(f"--v2: {exc}")
+    if args.budget is not None and args.budget < 0:
+        p.error("--budget must be >= 0")
     args.corr_len = args.corr_len or max(1.0, args.seq_len / 64)
     args.warmup_ms = (0.0 if smoke else 25.0) if args.warmup_ms is None else args.warmup_ms
     args.rep_ms = (0.0 if smoke else 100.0) if args.rep_ms is None else args.rep_ms
     args.out = args.out if args.out is not None else (None if smoke else DEFAULT_OUT)
     return args
+
+
+def v2_points(spec: str, scale_map: dict[str, Sequence[float]]) -> set[tuple[str, float]]:
+    """The (family, s) points of ``--v2``: a comma list of FAMILY, FAMILY:S or 'all'. ValueError
+    for a family not in the run or a scale not among its scales."""
+    out: set[tuple[str, float]] = set()
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            out |= {(f, s) for f, scales in scale_map.items() for s in scales}
+            continue
+        family, scale = item, None
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                family, scale = head, float(tail)
+            except ValueError:  # captured:FILE without a scale
+                family, scale = item, None
+        if family not in scale_map:
+            raise ValueError(f"{item!r}: family {family!r} is not in --families ({', '.join(scale_map)})")
+        if scale is not None and scale not in scale_map[family]:
+            raise ValueError(f"{item!r}: s = {scale:g} is not among {family}'s scales "
+                             f"({', '.join(f'{s:g}' for s in scale_map[family])})")
+        out |= {(family, s) for s in scale_map[family] if scale is None or s == scale}
+    return out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -156,6 +209,25 @@ def make_inputs(family: str, scale: float, shape: Sequence[int], dtype, device: 
     return tuple(t.to(dtype).contiguous() for t in (q, k, v, grad))  # type: ignore[return-value]
 
 
+def upstream_v2(alpha: float, causal: bool, device: str) -> tuple[Callable[..., Any] | None, str]:
+    """(``adasplash.adasplash_v2``, how it is called) or (None, why it cannot run here)."""
+    if not causal:
+        return None, "upstream v2 is causal only"
+    if alpha != 1.5:
+        return None, f"upstream v2 runs alpha = 1.5 only (alpha = {alpha:g})"
+    try:
+        import adasplash
+    except Exception as exc:  # noqa: BLE001 - absent or broken: the run goes on without it
+        return None, f"upstream adasplash not importable ({type(exc).__name__}: {str(exc)[:200]})"
+    version = getattr(adasplash, "__version__", "?")
+    fn = getattr(adasplash, "adasplash_v2", None)
+    if fn is None:
+        return None, f"upstream adasplash {version} has no adasplash_v2"
+    if device != "cuda":
+        return None, "upstream v2 needs CUDA"
+    return fn, f"adasplash {version}: adasplash_v2(q, k, v)"
+
+
 # --------------------------------------------------------------------------- crossover
 
 
@@ -181,15 +253,19 @@ def crossover(points: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
 
 
 def _crossovers(rows: list[dict[str, Any]], families: Sequence[str]) -> dict[str, Any]:
+    """{mode: {"pooled" | family: {method: {"PASS@TILE": crossover}}}} against SDPA's time."""
+    sdpa = {(r["family"], r["s"], r["causal"], r["pass"]): r["time_ms"] for r in rows if r["method"] == "sdpa"}
     out: dict[str, Any] = {}
     for causal in sorted({r["causal"] for r in rows}):
-        mine = [r for r in rows if r["causal"] == causal and "error" not in r]
         entry: dict[str, Any] = {}
-        for name, subset in [("pooled", mine)] + [(f, [r for r in mine if r["family"] == f]) for f in families]:
-            entry[name] = {
-                "fwdbwd": crossover([(r["density"], r["ours_fwdbwd_ms"], r["sdpa_fwdbwd_ms"]) for r in subset]),
-                "fwd": crossover([(r["density"], r["ours_fwd_ms"], r["sdpa_fwd_ms"]) for r in subset]),
-            }
+        for group in ("pooled", *families):
+            subset = [r for r in rows if r["causal"] == causal and r["method"] != "sdpa"
+                      and group in ("pooled", r["family"])]
+            entry[group] = {
+                method: {f"{pas}@{t}": crossover([
+                    (r.get(f"density_{t}"), r["time_ms"], sdpa.get((r["family"], r["s"], causal, pas)))
+                    for r in subset if r["method"] == method and r["pass"] == pas]) for pas in PASSES for t in TILES}
+                for method in METHODS if any(r["method"] == method for r in subset)}
         out["causal" if causal else "non-causal"] = entry
     return out
 
@@ -198,7 +274,7 @@ def _crossovers(rows: list[dict[str, Any]], families: Sequence[str]) -> dict[str
 
 
 class _Ctx:
-    """What every point shares: device, dtype, timing options, the clock and the selections."""
+    """What every point shares: device, dtype, timing options, the clock, the selections, v2."""
 
     def __init__(self, args: argparse.Namespace, device: str) -> None:
         import torch
@@ -214,126 +290,210 @@ class _Ctx:
                                     min_reps=1 if smoke else 5, max_reps=1 if smoke else 500)
         self.start = time.perf_counter()
         self.selections: dict[str, dict[str, Any]] = {}
+        self.v2_calls: dict[bool, tuple[Callable[..., Any] | None, str]] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def budget_spent(self) -> bool:
+        return self.args.budget is not None and self.elapsed() >= self.args.budget
+
+    def v2(self, causal: bool) -> tuple[Callable[..., Any] | None, str]:
+        if causal not in self.v2_calls:
+            self.v2_calls[causal] = upstream_v2(self.args.alpha, causal, self.device)
+        return self.v2_calls[causal]
 
     def time_ms(self, fn: Callable[[], Any]) -> float:
         from adasplash_tune.tuner.timing import measure
 
         return round(measure(fn, self.device, self.timing).median_ms, 4)
 
+    def sync(self) -> None:
+        if self.device == "cuda":
+            import torch
 
-def _density(q, k, v, alpha: float, causal: bool, scale: float, cfg, fine: bool) -> dict[str, float]:
-    from adasplash_tune.kernels.attention.op import block_density, forward_stages
+            torch.cuda.synchronize()
+
+
+def _densities(q, k, v, alpha: float, causal: bool, scale: float, selected, default) -> dict[str, Any]:
+    """Block density of our mask at each of TILES (the selected config with that mask tile, else
+    the default config with it) and which config gave it, where not the selected one."""
+    from adasplash_tune.kernels.attention.op import block_density, checked_config, forward_stages
+    from adasplash_tune.kernels.spec import ConfigError
 
     n = q.shape[2]
-    st = forward_stages(q, k, v, alpha, causal, None, scale, cfg)
-    res = {"density": round(block_density(st["mask"], n, (cfg["mask_m"], cfg["mask_n"]), causal), 5)}
-    del st
-    if fine:
-        st = forward_stages(q, k, v, alpha, causal, None, scale, cfg.replace(mask_m=16, mask_n=16))
-        res["density_16"] = round(block_density(st["mask"], n, (16, 16), causal), 5)
+    res: dict[str, Any] = {}
+    for t in TILES:
+        try:
+            cfg = checked_config(selected.replace(mask_m=t, mask_n=t), q)
+        except ConfigError:
+            cfg = checked_config(default.replace(mask_m=t, mask_n=t), q)
+            res[f"density_{t}_config"] = "default"
+        st = forward_stages(q, k, v, alpha, causal, None, scale, cfg)
+        res[f"density_{t}"] = round(block_density(st["mask"], n, (t, t), causal), 5)
+        del st
     return res
 
 
-def _oracle_errors(out, grads, q, k, v, g, alpha: float, causal: bool, with_grad: bool) -> dict[str, float]:
-    """Relative errors of batch 0 / head 0 of our full-problem output and gradients (fp64 oracle)."""
+def _oracle_errors(outputs: dict[str, tuple[Any, Any]], q, k, v, g, alpha: float, causal: bool,
+                   with_grad: bool) -> dict[str, dict[str, float]]:
+    """{method: {"fwd": output error, "fwd+bwd": gradient error}}: relative errors of batch 0 /
+    head 0 of each method's full-problem output and gradients (max over q, k, v) vs the fp64 oracle."""
     import torch
 
     from adasplash_tune.kernels.reference import attention_reference, relative_error
 
     qs, ks, vs = (t[:1, :1].detach().to(torch.float64).requires_grad_(with_grad) for t in (q, k, v))
     ref = attention_reference(qs, ks, vs, alpha, causal)
-    res = {"fwd_err": float(f"{relative_error(out[:1, :1], ref):.3e}")}
-    if with_grad:
-        want = torch.autograd.grad(ref, (qs, ks, vs), g[:1, :1].to(torch.float64))
-        res["grad_err"] = float(f"{max(relative_error(a[:1, :1], b) for a, b in zip(grads, want)):.3e}")
+    want = torch.autograd.grad(ref, (qs, ks, vs), g[:1, :1].to(torch.float64)) if with_grad else None
+    res: dict[str, dict[str, float]] = {}
+    for name, (out, grads) in outputs.items():
+        res[name] = {"fwd": float(f"{relative_error(out[:1, :1], ref.detach()):.3e}")}
+        if want is not None:
+            res[name]["fwd+bwd"] = float(f"{max(relative_error(a[:1, :1], b) for a, b in zip(grads, want)):.3e}")
     return res
 
 
-def _point(ctx: _Ctx, family: str, s: float, causal: bool) -> dict[str, Any]:
+def _point(ctx: _Ctx, family: str, s: float, causal: bool,
+           with_v2: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the point's record, its rows: one per method and pass)."""
     import torch
     import torch.nn.functional as F
 
     import adasplash_tune
     from adasplash_tune.kernels.attention.op import checked_config
+    from adasplash_tune.kernels.declarations.attention import TRITON
     from adasplash_tune.kernels.reference import tolerance
 
     args = ctx.args
-    row: dict[str, Any] = {"family": family, "s": s, "causal": causal}
+    point: dict[str, Any] = {"family": family, "s": s, "shape": list(ctx.shape), "causal": causal}
+    notes: list[str] = []
     q, k, v, g = make_inputs(family, s, ctx.shape, ctx.dtype, ctx.device, args.seed, args.corr_len)
     sel = adasplash_tune.select("adasplash", q, k, v, args.alpha, causal, backend="triton")
     mode = "causal" if causal else "non-causal"
     ctx.selections.setdefault(mode, {"source": sel.source, "config": sel.config, "key": sel.key})
-    row["config_source"] = sel.source
-    cfg = checked_config(sel.config, q)
+    point["config_source"] = sel.source
+    default = checked_config(TRITON.default(), q)
     with torch.no_grad():
-        row.update(_density(q, k, v, args.alpha, causal, ctx.scale, cfg, args.density_16))
+        point.update(_densities(q, k, v, args.alpha, causal, ctx.scale, checked_config(sel.config, q), default))
 
-    def ours(a, b, c):
-        return adasplash_tune.adasplash(a, b, c, args.alpha, causal, backend="triton")
-
-    def sdpa(a, b, c):
-        return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
-
+    fns: dict[str, Callable[..., Any]] = {
+        "ours-selected": lambda a, b, c: adasplash_tune.adasplash(a, b, c, args.alpha, causal, backend="triton"),
+        "ours-default": lambda a, b, c: adasplash_tune.adasplash(a, b, c, args.alpha, causal, backend="triton",
+                                                                 config=default),
+    }
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn: Callable[..., Any]) -> tuple[Any, Any]:
         out = fn(qg, kg, vg)
         return out, torch.autograd.grad(out, (qg, kg, vg), g)
 
-    for name, fn in (("ours", ours), ("sdpa", sdpa)):
-        with torch.no_grad():
-            row[f"{name}_fwd_ms"] = ctx.time_ms(lambda fn=fn: fn(q, k, v))
-        row[f"{name}_fwdbwd_ms"] = ctx.time_ms(lambda fn=fn: fwd_bwd(fn))
-    row["ratio_fwd"] = round(row["ours_fwd_ms"] / row["sdpa_fwd_ms"], 3)
-    row["ratio_fwdbwd"] = round(row["ours_fwdbwd_ms"] / row["sdpa_fwdbwd_ms"], 3)
+    times: dict[tuple[str, str], float] = {}
 
-    if ctx.elapsed() > args.time_budget:
-        row["err_skipped"] = f"time budget ({args.time_budget:.0f} s) spent"
+    def time_method(name: str, fn: Callable[..., Any]) -> None:
+        with torch.no_grad():
+            times[(name, "fwd")] = ctx.time_ms(lambda: fn(q, k, v))
+        times[(name, "fwd+bwd")] = ctx.time_ms(lambda: fwd_bwd(fn))
+
+    for name, fn in fns.items():
+        time_method(name, fn)
+    if with_v2:
+        fn, how = ctx.v2(causal)
+        if fn is None:
+            notes.append(f"upstream-v2 skipped: {how}")
+        elif ctx.budget_spent():
+            notes.append(f"upstream-v2 skipped: time budget ({args.budget:g} s) spent")
+        else:
+            try:
+                t0 = time.perf_counter()
+                fwd_bwd(fn)  # the first call autotunes (forward and backward): not timed
+                ctx.sync()
+                point["v2_first_call_s"] = round(time.perf_counter() - t0, 2)
+                time_method("upstream-v2", fn)
+                fns["upstream-v2"] = fn
+            except Exception as exc:  # noqa: BLE001 - upstream failing must not end the point
+                log.exception("upstream v2 failed at %s s=%g", family, s)
+                notes.append(f"upstream-v2 failed: {type(exc).__name__}: {str(exc)[:300]}")
+                times.pop(("upstream-v2", "fwd"), None)
+    time_method("sdpa", lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal))
+
+    errors: dict[str, dict[str, float]] = {}
+    if ctx.elapsed() > args.err_budget:
+        point["err_skipped"] = f"error budget ({args.err_budget:g} s) spent"
     else:
         with_grad = args.grad_err == "all"
-        out, grads = fwd_bwd(ours)
-        row.update(_oracle_errors(out.detach(), grads, q, k, v, g, args.alpha, causal, with_grad))
-        row["err_ok"] = row["fwd_err"] <= tolerance(ctx.dtype) and (
-            not with_grad or row["grad_err"] <= tolerance(ctx.dtype, grad=True))
-    return row
+        outputs = {}
+        for name, fn in fns.items():
+            out, grads = fwd_bwd(fn)
+            outputs[name] = (out.detach(), grads)
+        errors = _oracle_errors(outputs, q, k, v, g, args.alpha, causal, with_grad)
+        point["err_ok"] = all(
+            e["fwd"] <= tolerance(ctx.dtype) and (not with_grad or e["fwd+bwd"] <= tolerance(ctx.dtype, grad=True))
+            for name, e in errors.items() if name.startswith("ours"))  # upstream's errors: reported only
+    if notes:
+        point["notes"] = notes
+
+    rows = []
+    for name in (m for m in METHODS if (m, "fwd+bwd") in times):
+        for pas in PASSES:
+            row = {"family": family, "s": s, "shape": list(ctx.shape), "causal": causal,
+                   "density_16": point["density_16"], "density_64": point["density_64"],
+                   "method": name, "pass": pas, "time_ms": times[(name, pas)],
+                   "ratio_sdpa": round(times[(name, pas)] / times[("sdpa", pas)], 3)}
+            if pas in errors.get(name, {}):
+                row["err"] = errors[name][pas]
+            rows.append(row)
+    return point, rows
 
 
 # --------------------------------------------------------------------------- report
 
 
 def _fmt(val: Any, spec: str) -> str:
-    return format(val, spec) if isinstance(val, (int, float)) and not isinstance(val, bool) else "-"
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        return format(val, spec)
+    return "-".rjust(int(spec.split(".")[0] or 0))
+
+
+def _family_label(family: str) -> str:
+    return f"captured:{Path(family[9:]).name}" if family.startswith("captured:") else family
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The results as a fixed-width text table."""
-    head = (f"{'family':>6} {'mode':>6} {'s':>6} {'density':>7} {'d16':>6} {'ours fwd':>9} {'sdpa fwd':>9} "
-            f"{'ours f+b':>9} {'sdpa f+b':>9} {'ratio':>7} {'fwd err':>8} {'grad err':>8}")
-    lines = [head, "-" * len(head)]
+    """The rows as a fixed-width text table: one line per (point, method), both passes."""
+    lines_by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        mode = "causal" if r["causal"] else "full"
-        if "error" in r:
-            lines.append(f"{r['family']:>6} {mode:>6} {r['s']:>6g}  error: {r['error']}")
-            continue
+        key = (tuple(r.get("shape") or ()), r["causal"], r["family"], r["s"], r["method"])
+        lines_by.setdefault(key, {})[r["pass"]] = r
+    with_shape = len({k[0] for k in lines_by}) > 1
+    fam_w = max([6] + [len(_family_label(k[2])) for k in lines_by])
+    head = (("shape".rjust(16) + " " if with_shape else "")
+            + f"{'family':>{fam_w}} {'mode':>6} {'s':>6} {'d16':>6} {'d64':>6} {'method':>13} {'fwd ms':>8} "
+              f"{'f+b ms':>8} {'fwd/sdpa':>8} {'f+b/sdpa':>8} {'fwd err':>8} {'grad err':>8}")
+    lines = [head, "-" * len(head)]
+    for (shape, causal, family, s, method), by in lines_by.items():
+        f, fb = by.get("fwd", {}), by.get("fwd+bwd", {})
+        any_row = f or fb
         lines.append(
-            f"{r['family']:>6} {mode:>6} {r['s']:>6g} {_fmt(r.get('density'), '7.4f')} "
-            f"{_fmt(r.get('density_16'), '6.3f')} {_fmt(r.get('ours_fwd_ms'), '9.3f')} "
-            f"{_fmt(r.get('sdpa_fwd_ms'), '9.3f')} {_fmt(r.get('ours_fwdbwd_ms'), '9.3f')} "
-            f"{_fmt(r.get('sdpa_fwdbwd_ms'), '9.3f')} {_fmt(r.get('ratio_fwdbwd'), '7.2f')} "
-            f"{_fmt(r.get('fwd_err'), '8.1e')} {_fmt(r.get('grad_err'), '8.1e')}")
+            (",".join(map(str, shape)).rjust(16) + " " if with_shape else "")
+            + f"{_family_label(family):>{fam_w}} {'causal' if causal else 'full':>6} {s:>6g} "
+              f"{_fmt(any_row.get('density_16'), '6.3f')} {_fmt(any_row.get('density_64'), '6.3f')} {method:>13} "
+              f"{_fmt(f.get('time_ms'), '8.3f')} {_fmt(fb.get('time_ms'), '8.3f')} "
+              f"{_fmt(f.get('ratio_sdpa'), '8.2f')} {_fmt(fb.get('ratio_sdpa'), '8.2f')} "
+              f"{_fmt(f.get('err'), '8.1e')} {_fmt(fb.get('err'), '8.1e')}")
     return "\n".join(lines)
 
 
 def _crossover_lines(cross: dict[str, Any]) -> list[str]:
-    lines = ["crossover density (ours fwd+bwd == sdpa fwd+bwd; forward only in brackets):"]
+    def d(c: dict[str, Any]) -> str:
+        return _fmt(c["density"], ".4f") if c["density"] is not None else "None"
+
+    lines = ["crossover density vs SDPA, fwd+bwd at 64x64 tiles (16x16; forward only at 64x64 in brackets):"]
     for mode, entry in cross.items():
-        for name, c in entry.items():
-            d, f = c["fwdbwd"]["density"], c["fwd"]["density"]
-            lines.append(f"  {mode:>10} {name:>6}: {_fmt(d, '.4f') if d is not None else 'None':>7} "
-                         f"({c['fwdbwd']['note']}) [fwd: {_fmt(f, '.4f') if f is not None else 'None'}]")
+        for group, methods in entry.items():
+            for method, c in methods.items():
+                lines.append(f"  {mode:>10} {_family_label(group):>6} {method:>13}: {d(c['fwd+bwd@64']):>7} "
+                             f"({d(c['fwd+bwd@16'])}; {c['fwd+bwd@64']['note']}) [fwd: {d(c['fwd@64'])}]")
     return lines
 
 
@@ -349,18 +509,24 @@ def _meta(ctx: _Ctx) -> dict[str, Any]:
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "shape": list(ctx.shape), "dtype": args.dtype, "alpha": args.alpha, "seed": args.seed,
         "families": args.family_list, "scales": {f: list(s) for f, s in args.scale_map.items()},
-        "corr_len": args.corr_len,
+        "corr_len": args.corr_len, "budget_s": args.budget, "err_budget_s": args.err_budget,
+        "v2_points": sorted([f, s] for f, s in args.v2_points),
+        "v2_call": {("causal" if c else "non-causal"): how for c, (_, how) in ctx.v2_calls.items()},
         "method": ("tuner.timing.measure median (CUDA events, L2 flushed before each rep; warmup "
-                   f"{args.warmup_ms} ms, rep {args.rep_ms} ms); ours = adasplash_tune.adasplash("
-                   "backend='triton') with the selected config; sdpa = torch scaled_dot_product_attention; "
+                   f"{args.warmup_ms} ms, rep {args.rep_ms} ms); ours-selected = adasplash_tune.adasplash("
+                   "backend='triton') with the selected config; ours-default = the same with the declared "
+                   "default config; upstream-v2 = adasplash.adasplash_v2(q, k, v), its first (autotuning) "
+                   "call untimed, on the first v2 point's inputs; sdpa = torch scaled_dot_product_attention; "
                    "fwd+bwd = forward + autograd.grad w.r.t. q, k, v; errors vs the fp64 oracle on "
-                   "batch 0 head 0"),
-        "density": ("share of active mask tiles among tiles holding any valid (query, key) pair, "
-                    "from our own block mask at the selected config's mask tile"),
+                   "batch 0 head 0; ratio_sdpa = time_ms / SDPA's time_ms of the same pass and point"),
+        "density": ("share of active mask tiles among tiles holding any valid (query, key) pair, from "
+                    "our own block mask at 16x16 and 64x64 tiles (selected config with that mask tile; "
+                    "the default config where density_T_config says so)"),
         "families_doc": {
             "local": "k_0 = e (sink), k_j = w_j, q_i = s (e + w_i), times D^(1/4); w: Gaussian-smoothed "
                      "noise along the sequence (std corr_len tokens), unit rows orthogonal to e",
             "randn": "q = s * randn, k = randn",
+            "captured": "q, k, v of a trained layer (train_lm --capture), tiled over batch and heads, q * s",
         },
         "selection": ctx.selections,
     }
@@ -385,29 +551,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("no CUDA device: use --cpu-smoke")
         return 2
     ctx = _Ctx(args, device)
+    plan = [(causal, family, s) for causal in args.causal_modes for family in args.family_list
+            for s in args.scale_map[family]]
+    points: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for causal in args.causal_modes:
-        for family in args.family_list:
-            for s in args.scale_map[family]:
-                try:
-                    row = _point(ctx, family, s, causal)
-                except Exception as exc:  # noqa: BLE001 - one failing point must not end the run
-                    log.exception("point %s s=%g causal=%s failed", family, s, causal)
-                    row = {"family": family, "s": s, "causal": causal,
-                           "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                rows.append(row)
-                log.info("[%5.1f s] %s", ctx.elapsed(), table([row]).splitlines()[-1].strip())
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+    skipped: list[dict[str, Any]] = []
+    stopped: str | None = None
+    for causal, family, s in plan:
+        if stopped is None and ctx.budget_spent():
+            stopped = f"time budget ({args.budget:g} s) spent after {ctx.elapsed():.1f} s"
+            log.warning("%s: skipping the remaining points", stopped)
+        if stopped is not None:
+            skipped.append({"family": family, "s": s, "causal": causal})
+            continue
+        try:
+            point, point_rows = _point(ctx, family, s, causal, (family, s) in args.v2_points)
+        except KeyboardInterrupt:
+            stopped = f"interrupted after {ctx.elapsed():.1f} s"
+            log.warning("%s: writing what finished", stopped)
+            skipped.append({"family": family, "s": s, "causal": causal})
+            continue
+        except Exception as exc:  # noqa: BLE001 - one failing point must not end the run
+            log.exception("point %s s=%g causal=%s failed", family, s, causal)
+            point, point_rows = {"family": family, "s": s, "shape": list(ctx.shape), "causal": causal,
+                                 "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, []
+        points.append(point)
+        rows.extend(point_rows)
+        for line in table(point_rows).splitlines()[2:] or [f"{family} s={s:g}: {point.get('error')}"]:
+            log.info("[%5.1f s] %s", ctx.elapsed(), line.strip())
+        for note in point.get("notes", []):
+            log.info("[%5.1f s] %s s=%g: %s", ctx.elapsed(), family, s, note)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     cross = _crossovers(rows, args.family_list)
-    result = {"meta": _meta(ctx), "rows": rows, "crossover": cross, "wall_s": round(ctx.elapsed(), 1)}
+    result = {"meta": _meta(ctx), "rows": rows, "points": points, "skipped": skipped, "stopped": stopped,
+              "crossover": cross, "wall_s": round(ctx.elapsed(), 1)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         log.info("wrote %s", args.out)
     print(table(rows))
     print("\n".join(_crossover_lines(cross)))
-    failed = [r for r in rows if "error" in r or r.get("err_ok") is False]
+    if skipped:
+        log.warning("%d of %d point(s) not run (%s)", len(skipped), len(plan), stopped)
+    failed = [p for p in points if "error" in p or p.get("err_ok") is False]
     if failed:
         log.error("%d point(s) failed or exceeded the error tolerance", len(failed))
         return 1

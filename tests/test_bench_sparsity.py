@@ -1,5 +1,6 @@
-"""benchmarks/bench_sparsity.py: its crossover arithmetic, its input families, and an end-to-end
-``--cpu-smoke`` run (CPU tensors, Triton interpreter) checked against the fp64 oracle."""
+"""benchmarks/bench_sparsity.py: its crossover arithmetic, input families, --v2 points, --budget stop and an
+end-to-end ``--cpu-smoke`` run (CPU tensors, Triton interpreter) checked against the fp64 oracle; and
+benchmarks/plot_sparsity.py on a small synthetic result."""
 
 from __future__ import annotations
 
@@ -68,32 +69,124 @@ def test_local_family_scores(bench, scale):
 
 
 def test_cpu_smoke_end_to_end(tmp_path):
+    """Causal smoke run: every method's rows, both densities, errors, v2 asked for but skipped with a note."""
     out = tmp_path / "sparsity.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--causal", "--v2", "randn:1",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "crossover density" in proc.stdout
+    assert "crossover density" in proc.stdout and "ours-default" in proc.stdout
     report = json.loads(out.read_text())
     meta = report["meta"]
     assert meta["interpreter"] is True and meta["device"] == "cpu"
     assert meta["shape"] == [1, 2, 128, 16] and meta["dtype"] == "float32"
     assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
-    assert set(meta["selection"]) == {"causal", "non-causal"}
+    assert set(meta["selection"]) == {"causal"} and meta["v2_points"] == [["randn", 1.0]]
+    assert report["skipped"] == [] and report["stopped"] is None
+    points = report["points"]
+    assert [(p["family"], p["s"]) for p in points] == [("local", 1.0), ("local", 16.0), ("randn", 1.0)]
+    for p in points:
+        assert "error" not in p and p["err_ok"] is True and p["causal"] is True
+        assert 0.0 < p["density_16"] <= 1.0 and 0.0 < p["density_64"] <= 1.0
+    assert points[1]["density_16"] < points[0]["density_16"]  # larger logits: sparser mask
+    assert "notes" not in points[0]  # v2 asked for at randn:1 only, where the CPU run cannot have it
+    assert len(points[2]["notes"]) == 1 and points[2]["notes"][0].startswith("upstream-v2 skipped: ")
     rows = report["rows"]
-    assert len(rows) == 2 * 3  # (local 1, 16; randn 1) x both causal modes
+    assert len(rows) == 3 * 3 * 2  # points x (ours-selected, ours-default, sdpa) x (fwd, fwd+bwd)
+    keys = {"family", "s", "shape", "causal", "density_16", "density_64", "method", "pass", "time_ms", "ratio_sdpa"}
     for r in rows:
-        assert "error" not in r, r
-        assert 0.0 < r["density"] <= 1.0 and 0.0 < r["density_16"] <= 1.0
-        assert r["fwd_err"] <= tolerance(torch.float32)
-        assert r["grad_err"] <= tolerance(torch.float32, grad=True)
-        assert r["err_ok"] is True
-        assert all(r[f"{w}_{p}_ms"] > 0 for w in ("ours", "sdpa") for p in ("fwd", "fwdbwd"))
-    for causal in (False, True):
-        local = {r["s"]: r for r in rows if r["family"] == "local" and r["causal"] == causal}
-        assert local[16.0]["density_16"] < local[1.0]["density_16"]  # larger logits: sparser mask
-    assert set(report["crossover"]) == {"causal", "non-causal"}
+        assert keys <= set(r), r
+        assert r["method"] in ("ours-selected", "ours-default", "sdpa") and r["pass"] in ("fwd", "fwd+bwd")
+        assert r["shape"] == [1, 2, 128, 16] and r["time_ms"] > 0
+        sdpa = next(x for x in rows if (x["family"], x["s"], x["pass"], x["method"]) ==
+                    (r["family"], r["s"], r["pass"], "sdpa"))
+        assert r["ratio_sdpa"] == pytest.approx(r["time_ms"] / sdpa["time_ms"], rel=1e-2)
+        if r["method"] != "sdpa":
+            assert r["err"] <= tolerance(torch.float32, grad=r["pass"] == "fwd+bwd")
+    assert set(report["crossover"]) == {"causal"}
     assert set(report["crossover"]["causal"]) == {"pooled", "local", "randn"}
+    assert set(report["crossover"]["causal"]["local"]) == {"ours-selected", "ours-default"}
+    assert set(report["crossover"]["causal"]["local"]["ours-selected"]) == {"fwd@16", "fwd@64", "fwd+bwd@16",
+                                                                            "fwd+bwd@64"}
+
+
+def test_v2_points(bench):
+    scales = {"local": (1.0, 2.0, 3.0), "randn": (1.0, 8.0), "captured:/x/a.safetensors": (1.0, 2.0)}
+    assert bench.v2_points("", scales) == set()
+    assert bench.v2_points("randn:1, local", scales) == {("randn", 1.0), ("local", 1.0), ("local", 2.0),
+                                                          ("local", 3.0)}
+    assert bench.v2_points("captured:/x/a.safetensors:2", scales) == {("captured:/x/a.safetensors", 2.0)}
+    assert bench.v2_points("captured:/x/a.safetensors", scales) == {("captured:/x/a.safetensors", 1.0),
+                                                                     ("captured:/x/a.safetensors", 2.0)}
+    assert len(bench.v2_points("all", scales)) == 7
+    with pytest.raises(ValueError, match="not in --families"):
+        bench.v2_points("sink", scales)
+    with pytest.raises(ValueError, match="not among"):
+        bench.v2_points("randn:4", scales)
+    with pytest.raises(SystemExit):
+        bench._parse(["--cpu-smoke", "--v2", "local:3"])  # smoke scales of local: 1, 16
+
+
+def test_upstream_v2_skipped_with_a_reason(bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "adasplash", None)  # the upstream package absent: import raises
+    fn, why = bench.upstream_v2(1.5, True, "cuda")
+    assert fn is None and "not importable" in why
+    assert bench.upstream_v2(1.5, False, "cuda") == (None, "upstream v2 is causal only")
+    fn, why = bench.upstream_v2(1.25, True, "cuda")
+    assert fn is None and "alpha = 1.5 only" in why
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton interpreter")
+def test_point_with_a_stand_in_v2(bench):
+    """The v2 path of one point: first call untimed, both passes timed and checked; a failing v2 is a note."""
+    import adasplash_tune
+
+    args = bench._parse(["--cpu-smoke", "--causal", "--families", "randn", "--v2", "randn", "--seq-len", "64"])
+    ctx = bench._Ctx(args, "cpu")
+    ctx.v2_calls[True] = (lambda q, k, v: adasplash_tune.adasplash(q, k, v, 1.5, True, backend="torch"), "stand-in")
+    point, rows = bench._point(ctx, "randn", 1.0, True, True)
+    v2 = {r["pass"]: r for r in rows if r["method"] == "upstream-v2"}
+    assert set(v2) == {"fwd", "fwd+bwd"} and point["v2_first_call_s"] >= 0 and "notes" not in point
+    assert v2["fwd"]["err"] <= tolerance(torch.float32) and v2["fwd+bwd"]["err"] <= tolerance(torch.float32, grad=True)
+    assert [r["method"] for r in rows[::2]] == ["ours-selected", "ours-default", "upstream-v2", "sdpa"]
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel for this GPU")
+
+    ctx.v2_calls[True] = (broken, "broken")
+    point, rows = bench._point(ctx, "randn", 1.0, True, True)
+    assert point["notes"] == ["upstream-v2 failed: RuntimeError: no kernel for this GPU"] and point["err_ok"]
+    assert {r["method"] for r in rows} == {"ours-selected", "ours-default", "sdpa"}
+
+
+@pytest.mark.parametrize("stop", ["budget", "interrupt"])
+def test_budget_stop_writes_what_finished(bench, monkeypatch, tmp_path, stop):
+    """Past --budget (or on Ctrl-C) no point starts; the JSON keeps the finished ones and lists the rest."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+
+    def fake_point(ctx, family, s, causal, with_v2):
+        calls.append((family, s, causal))
+        if stop == "interrupt" and len(calls) == 2:
+            raise KeyboardInterrupt
+        ctx.start -= 10.0  # each point "takes" 10 s
+        point = {"family": family, "s": s, "shape": list(ctx.shape), "causal": causal,
+                 "density_16": 0.5, "density_64": 0.8, "err_ok": True}
+        rows = [{"family": family, "s": s, "shape": list(ctx.shape), "causal": causal, "density_16": 0.5,
+                 "density_64": 0.8, "method": m, "pass": p, "time_ms": t, "ratio_sdpa": t / 2.0}
+                for m, t in (("ours-selected", 3.0), ("sdpa", 2.0)) for p in ("fwd", "fwd+bwd")]
+        return point, rows
+
+    monkeypatch.setattr(bench, "_point", fake_point)
+    out = tmp_path / "sp.json"
+    assert bench.main(["--cpu-smoke", "--budget", "15", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(calls) == 2  # 0 s and 10 s < 15 s; at 20 s the budget is spent (interrupt: the 2nd raised)
+    finished = 2 if stop == "budget" else 1
+    assert len(report["points"]) == finished and len(report["rows"]) == 4 * finished
+    assert len(report["skipped"]) == 6 - finished  # smoke plan: (local 1, 16; randn 1) x both modes
+    assert report["stopped"].startswith("time budget (15 s) spent" if stop == "budget" else "interrupted")
+    assert report["meta"]["budget_s"] == 15.0
 
 
 def test_captured_family_reads_a_capture_and_sharpens_it(bench, tmp_path):
@@ -111,3 +204,44 @@ def test_captured_family_reads_a_capture_and_sharpens_it(bench, tmp_path):
         bench._parse(["--families", f"captured:{tmp_path / 'missing.safetensors'}"])
     with pytest.raises(ValueError, match="N x D"):
         bench.make_inputs(f"captured:{path}", 1.0, (1, 2, 64, 16), torch.float32, "cpu", 0, 1.0)
+
+
+def _synthetic_result(path: Path) -> None:
+    rows = []
+    for family, s, d16, d64 in (("local", 2.0, 0.3, 0.5), ("local", 8.0, 0.04, 0.06), ("randn", 1.0, 0.9, 1.0)):
+        for pas, sdpa in (("fwd", 1.2), ("fwd+bwd", 4.2)):
+            for method, factor in (("ours-selected", 1.5), ("ours-default", 1.7), ("upstream-v2", 0.8), ("sdpa", 1.0)):
+                if method == "upstream-v2" and family != "randn":
+                    continue
+                t = sdpa * factor * (d16 + 0.5)
+                rows.append({"family": family, "s": s, "shape": [1, 16, 16384, 64], "causal": True,
+                             "density_16": d16, "density_64": d64, "method": method, "pass": pas,
+                             "time_ms": t, "ratio_sdpa": t / (sdpa * (d16 + 0.5)) if method != "sdpa" else 1.0})
+    path.write_text(json.dumps({"meta": {"device_name": "test", "dtype": "bfloat16", "alpha": 1.5}, "rows": rows}))
+
+
+@pytest.fixture(scope="module")
+def plotter():
+    spec = importlib.util.spec_from_file_location("plot_sparsity", REPO / "benchmarks" / "plot_sparsity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tile", ["16", "64"])
+def test_plot_sparsity(plotter, tmp_path, capsys, tile):
+    pytest.importorskip("matplotlib")
+    src, png = tmp_path / "sp.json", tmp_path / "sp.png"
+    _synthetic_result(src)
+    assert plotter.main([str(src), str(src), "--tile", tile, "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert "upstream-v2" in table and "ours-default" in table and "f+b/sdpa" in table
+    assert plotter.main([str(src)]) == 0 and src.with_suffix(".png").is_file()  # default: beside the JSON
+
+
+def test_plot_sparsity_rejects_other_json(plotter, tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": [{"family": "local", "s": 1.0, "ours_fwd_ms": 1.0}]}))
+    assert plotter.main([str(old), "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
