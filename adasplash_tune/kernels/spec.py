@@ -85,6 +85,18 @@ class Config:
     backend: str
     items: tuple[tuple[str, Any], ...]
 
+    def __hash__(self) -> int:
+        """Hashed once per instance: configs key the per-call memos of the launch path."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.kernel, self.backend, self.items))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __reduce__(self) -> tuple:
+        # the fields only: a string's hash (hence the cached one) differs between processes
+        return (Config, (self.kernel, self.backend, self.items))
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self.items)
 

@@ -221,6 +221,35 @@ def test_sparse_sweeps_skip_tiles_and_stay_exact(init, triton_device):
     assert 0 < op.block_density(mask, n, (16, 16), False) < 0.5
 
 
+@pytest.mark.parametrize("causal,lens", [(False, None), (True, None), (True, (70, 0)), (False, (129, 33))])
+def test_list_pair_matches_one_tiling_at_a_time(causal, lens, triton_device):
+    """The backward's two tilings from one launch are exactly the lists of two separate launches
+    (entries up to each tile's count, and both counts)."""
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.mask import tile_list_pair, tile_lists
+
+    gen = torch.Generator().manual_seed(5)
+    n = 129
+    q = torch.empty(2, 3, n, 16, device=triton_device)
+    geo = Geometry.of(q, q)
+    mask_tile, q_block, kv_block = (16, 32), (32, 64), (64, 32)
+    tm, tn = triton_cdiv(n, 16), triton_cdiv(n, 32)
+    mask = (torch.rand(geo.rows, tm, tn, generator=gen) < 0.4).to(torch.int8).to(triton_device)
+    varlen = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=triton_device)
+    pair = tile_list_pair(mask, geo, varlen, causal, mask_tile, q_block, kv_block)
+    alone = (tile_lists(mask, geo, varlen, causal, mask_tile, q_block, transposed=False),
+             tile_lists(mask, geo, varlen, causal, mask_tile, kv_block, transposed=True))
+    for got, want in zip(pair, alone):
+        assert (got.n_own, got.n_cand) == (want.n_own, want.n_cand)
+        assert torch.equal(got.count.cpu(), want.count.cpu())
+        counts = want.count.cpu()[..., 0]
+        assert counts.sum() > 0
+        for r in range(geo.rows):
+            for o in range(want.n_own):
+                c = int(counts[r, o])
+                assert torch.equal(got.index.cpu()[r, o, :c], want.index.cpu()[r, o, :c])
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -142,3 +142,19 @@ def test_entmax_key() -> None:
     key = entmax_key(backend="torch", dtype="float32", rows=100, cols=255, alpha=1.7)
     assert key == {"backend": "torch", "dtype": "float32", "alpha": "generic", "cols": 256, "rows": 128}
     assert entmax_key(backend="torch", dtype="float32", rows=1, cols=1, alpha=1.25)["alpha"] == "1.25"
+
+
+def test_config_hash_is_cached_but_never_pickled():
+    """Configs key the call path's memos, so their hash is computed once; a pickled config (sent to
+    a tuner worker) must not carry it: string hashes differ between processes."""
+    import pickle
+
+    from adasplash_tune.kernels.declarations.attention import TRITON
+
+    cfg = TRITON.default()
+    assert hash(cfg) == hash(TRITON.default())
+    assert "_hash" in cfg.__dict__
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and "_hash" not in back.__dict__
+    assert {cfg: 1}[back] == 1
+    assert cfg.replace(niter=3) != cfg

@@ -7,6 +7,8 @@ fused backward its ``delta = dO . O2`` (one more product per visited tile).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -117,6 +119,23 @@ def _fwd_kernel(
         tl.store(O2 + io_ptrs, (acc2 * inv2[:, None]).to(O2.dtype.element_ty), mask=io_mask)
 
 
+@functools.lru_cache(maxsize=512)
+def forward_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool, has_varlen: bool,
+                   dtype: torch.dtype, need_stats: bool, need_o2: bool) -> tuple[tuple, tuple, dict]:
+    """(scalar arguments before the list sizes, those after, constexprs and options) of the
+    forward kernel for one problem and config: computed once, so a warm call only allocates and
+    launches."""
+    head = (geo.seq_len, geo.q_heads, geo.group)
+    tail = ((alpha - 1.0) * scale, 1.0 / (alpha - 1.0))
+    meta = dict(
+        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, NEED_STATS=need_stats,
+        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=config["fwd_block_m"],
+        BN=config["fwd_block_n"], BD=geo.block_d, DOT_PREC=dot_precision(dtype),
+        num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
+    )
+    return head, tail, meta
+
+
 def sparse_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,14 +151,17 @@ def sparse_forward(
     need_stats: bool,
     need_o2: bool = False,
     inv_l_out: torch.Tensor | None = None,
+    geo: Geometry | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(out (B, Hq, N, D) in q's dtype, 1 / sum p (B*Hq, N) float32 or None, O2 in q's shape and
     dtype or None).
 
     q, k, v contiguous; ``lists`` built for (fwd_block_m, fwd_block_n) query-major tiles;
-    ``inv_l_out``: where to write 1 / sum p (contiguous float32 (B*Hq, N)), allocated when None."""
-    geo = Geometry.of(q, k)
-    bm, bn = config["fwd_block_m"], config["fwd_block_n"]
+    ``inv_l_out``: where to write 1 / sum p (contiguous float32 (B*Hq, N)), allocated when None.
+    ``geo``: ``Geometry.of(q, k)`` when the caller has it."""
+    geo = Geometry.of(q, k) if geo is None else geo
+    head, tail, meta = forward_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
+                                      need_stats, need_o2)
     out = alloc(q.shape, q.dtype, q.device)
     inv_l = None
     if need_stats:
@@ -147,11 +169,6 @@ def sparse_forward(
     o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
     lens = varlen if varlen is not None else tau
     launch(_fwd_kernel, (lists.n_own, geo.rows),
-        q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens,
-        geo.seq_len, geo.q_heads, geo.group, lists.n_own, lists.n_cand,
-        (alpha - 1.0) * scale, 1.0 / (alpha - 1.0),
-        B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, NEED_STATS=need_stats,
-        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d,
-        DOT_PREC=dot_precision(q.dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
-    )
+           q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens,
+           *head, lists.n_own, lists.n_cand, *tail, **meta)
     return out, inv_l, o2

@@ -12,6 +12,8 @@ valid length). Buffers and grids depend on shapes only, never on the mask's cont
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,20 +21,19 @@ import triton.language as tl
 from ..launch import launch
 from .common import Geometry
 
-__all__ = ["tile_lists", "list_size", "TileLists"]
+__all__ = ["tile_lists", "tile_list_pair", "list_size", "TileLists"]
 
 _CHUNK = 128  # candidate tiles handled per step of a list program
 
 
 @triton.jit
-def _list_kernel(
+def _list_body(
     MASK, LIST, COUNT, LENS,
-    TM, TN, n_own, n_cand, seq_len, H, own_block, cand_block,
+    TM, TN, n_own, n_cand, seq_len, H, own_block, cand_block, own, bh,
     R_OWN: tl.constexpr, R_CAND: tl.constexpr, CHUNK: tl.constexpr,
     TRANSPOSED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
 ):
-    own = tl.program_id(0)
-    bh = tl.program_id(1)
+    """The list of one (own tile, head row): its active candidate tiles, leading group first."""
     if HAS_VARLEN:
         length = tl.minimum(tl.maximum(tl.load(LENS + bh // H).to(tl.int32), 0), seq_len)
     else:
@@ -74,6 +75,39 @@ def _list_kernel(
     tl.store(COUNT + row * 2 + 1, first)
 
 
+@triton.jit
+def _list_kernel(
+    MASK, LIST, COUNT, LENS,
+    TM, TN, n_own, n_cand, seq_len, H, own_block, cand_block,
+    R_OWN: tl.constexpr, R_CAND: tl.constexpr, CHUNK: tl.constexpr,
+    TRANSPOSED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
+):
+    _list_body(MASK, LIST, COUNT, LENS, TM, TN, n_own, n_cand, seq_len, H, own_block, cand_block,
+               tl.program_id(0), tl.program_id(1), R_OWN, R_CAND, CHUNK, TRANSPOSED, IS_CAUSAL, HAS_VARLEN)
+
+
+@triton.jit
+def _list_pair_kernel(
+    MASK, LIST_Q, COUNT_Q, LIST_K, COUNT_K, LENS,
+    TM, TN, seq_len, H, n_own_q, n_cand_q, own_block_q, cand_block_q, n_own_k, n_cand_k, own_block_k, cand_block_k,
+    R_OWN_Q: tl.constexpr, R_CAND_Q: tl.constexpr, CHUNK_Q: tl.constexpr,
+    R_OWN_K: tl.constexpr, R_CAND_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
+):
+    """The backward's two tilings in one launch: grid axis 2 picks the query-major lists (0) or
+    the key-major ones (1); axis 0 covers the larger of the two own-tile counts."""
+    own = tl.program_id(0)
+    bh = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        if own < n_own_q:
+            _list_body(MASK, LIST_Q, COUNT_Q, LENS, TM, TN, n_own_q, n_cand_q, seq_len, H, own_block_q, cand_block_q,
+                       own, bh, R_OWN_Q, R_CAND_Q, CHUNK_Q, False, IS_CAUSAL, HAS_VARLEN)
+    else:
+        if own < n_own_k:
+            _list_body(MASK, LIST_K, COUNT_K, LENS, TM, TN, n_own_k, n_cand_k, seq_len, H, own_block_k, cand_block_k,
+                       own, bh, R_OWN_K, R_CAND_K, CHUNK_K, True, IS_CAUSAL, HAS_VARLEN)
+
+
 class TileLists:
     """Index lists of one compute tiling: ``index`` (B*Hq, n_own, n_cand) int32 and ``count``
     (B*Hq, n_own, 2) int32 = (entries, entries of the leading group)."""
@@ -85,9 +119,31 @@ class TileLists:
 
 
 def list_size(geo: Geometry, block: tuple[int, int], *, transposed: bool) -> int:
-    """int32 entries of the index lists of one compute tiling."""
+    """int32 entries of one compute tiling's lists: the index lists, then the per-tile counts."""
     n_q, n_k = triton.cdiv(geo.seq_len, block[0]), triton.cdiv(geo.seq_len, block[1])
-    return geo.rows * n_q * n_k
+    n_own = n_k if transposed else n_q
+    return geo.rows * n_q * n_k + geo.rows * n_own * 2
+
+
+@functools.lru_cache(maxsize=512)
+def list_launch(geo: Geometry, is_causal: bool, has_varlen: bool, mask_tile: tuple[int, int],
+                block: tuple[int, int], transposed: bool) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, scalar arguments (tm, tn, n_own, n_cand, ...), constexprs and options) of the list
+    kernel for one compute tiling: computed once per problem and tiling."""
+    mm, mn = mask_tile
+    bm, bn = block
+    if bm % mm or bn % mn:
+        raise ValueError(f"compute tile {block} is not a multiple of the mask tile {mask_tile}")
+    tm, tn = triton.cdiv(geo.seq_len, mm), triton.cdiv(geo.seq_len, mn)
+    n_q, n_k = triton.cdiv(geo.seq_len, bm), triton.cdiv(geo.seq_len, bn)
+    if transposed:
+        n_own, n_cand, r_own, r_cand, own_block, cand_block = n_k, n_q, bn // mn, bm // mm, bn, bm
+    else:
+        n_own, n_cand, r_own, r_cand, own_block, cand_block = n_q, n_k, bm // mm, bn // mn, bm, bn
+    scalars = (tm, tn, n_own, n_cand, geo.seq_len, geo.q_heads, own_block, cand_block)
+    meta = dict(R_OWN=r_own, R_CAND=r_cand, CHUNK=min(_CHUNK, triton.next_power_of_2(n_cand)),
+                TRANSPOSED=transposed, IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, num_warps=4)
+    return (n_own, geo.rows), scalars, meta
 
 
 def tile_lists(
@@ -105,29 +161,51 @@ def tile_lists(
 
     ``transposed=False``: per query tile, its active key tiles (leading group: unmasked tiles).
     ``transposed=True``: per key tile, its active query tiles (leading group: masked tiles).
-    ``buffer``: an int32 tensor of at least :func:`list_size` entries to hold the lists.
+    ``buffer``: an int32 tensor of at least :func:`list_size` entries to hold the lists (one
+    allocation when None).
     """
-    mm, mn = mask_tile
-    bm, bn = block
-    if bm % mm or bn % mn:
-        raise ValueError(f"compute tile {block} is not a multiple of the mask tile {mask_tile}")
-    tm, tn = triton.cdiv(geo.seq_len, mm), triton.cdiv(geo.seq_len, mn)
-    n_q, n_k = triton.cdiv(geo.seq_len, bm), triton.cdiv(geo.seq_len, bn)
-    if transposed:
-        n_own, n_cand, r_own, r_cand, own_block, cand_block = n_k, n_q, bn // mn, bm // mm, bn, bm
-    else:
-        n_own, n_cand, r_own, r_cand, own_block, cand_block = n_q, n_k, bm // mm, bn // mn, bm, bn
-    size = geo.rows * n_own * n_cand
+    grid, scalars, meta = list_launch(geo, is_causal, varlen is not None, mask_tile, block, transposed)
+    n_own, n_cand = scalars[2], scalars[3]
+    size, n_count = geo.rows * n_own * n_cand, geo.rows * n_own * 2
     if buffer is None:
-        index = torch.empty((geo.rows, n_own, n_cand), dtype=torch.int32, device=mask.device)
-    else:  # a caller's int32 buffer of at least list_size() entries
-        index = buffer[:size].view(geo.rows, n_own, n_cand)
-    count = torch.empty((geo.rows, n_own, 2), dtype=torch.int32, device=mask.device)
-    chunk = min(_CHUNK, triton.next_power_of_2(n_cand))
+        buffer = torch.empty(size + n_count, dtype=torch.int32, device=mask.device)
+    index = buffer[:size].view(geo.rows, n_own, n_cand)
+    count = buffer[size:size + n_count].view(geo.rows, n_own, 2)
     lens = varlen if varlen is not None else count
-    launch(_list_kernel, (n_own, geo.rows),
-        mask, index, count, lens, tm, tn, n_own, n_cand, geo.seq_len, geo.q_heads, own_block, cand_block,
-        R_OWN=r_own, R_CAND=r_cand, CHUNK=chunk, TRANSPOSED=transposed, IS_CAUSAL=is_causal,
-        HAS_VARLEN=varlen is not None, num_warps=4,
-    )
+    launch(_list_kernel, grid, mask, index, count, lens, *scalars, **meta)
     return TileLists(index, count, n_own, n_cand)
+
+
+def tile_list_pair(
+    mask: torch.Tensor,
+    geo: Geometry,
+    varlen: torch.Tensor | None,
+    is_causal: bool,
+    mask_tile: tuple[int, int],
+    q_block: tuple[int, int],
+    kv_block: tuple[int, int],
+    buffer: torch.Tensor | None = None,
+) -> tuple[TileLists, TileLists]:
+    """Both tilings of the split backward in one launch: (query-major lists for ``q_block``,
+    key-major lists for ``kv_block``), the same lists :func:`tile_lists` builds one at a time.
+    ``buffer``: int32 with at least the two :func:`list_size` entries, the query-major ones first."""
+    grid_q, sq, mq = list_launch(geo, is_causal, varlen is not None, mask_tile, q_block, False)
+    grid_k, sk, mk = list_launch(geo, is_causal, varlen is not None, mask_tile, kv_block, True)
+    q_size = list_size(geo, q_block, transposed=False)
+    if buffer is None:
+        buffer = torch.empty(q_size + list_size(geo, kv_block, transposed=True), dtype=torch.int32,
+                             device=mask.device)
+    lists = []
+    for (n_own, n_cand), part in (((sq[2], sq[3]), buffer[:q_size]), ((sk[2], sk[3]), buffer[q_size:])):
+        size = geo.rows * n_own * n_cand
+        lists.append(TileLists(part[:size].view(geo.rows, n_own, n_cand),
+                               part[size:size + geo.rows * n_own * 2].view(geo.rows, n_own, 2), n_own, n_cand))
+    lq, lk = lists
+    lens = varlen if varlen is not None else lq.count
+    launch(_list_pair_kernel, (max(grid_q[0], grid_k[0]), geo.rows, 2),
+           mask, lq.index, lq.count, lk.index, lk.count, lens,
+           sq[0], sq[1], geo.seq_len, geo.q_heads, sq[2], sq[3], sq[6], sq[7], sk[2], sk[3], sk[6], sk[7],
+           R_OWN_Q=mq["R_OWN"], R_CAND_Q=mq["R_CAND"], CHUNK_Q=mq["CHUNK"],
+           R_OWN_K=mk["R_OWN"], R_CAND_K=mk["R_CAND"], CHUNK_K=mk["CHUNK"],
+           IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, num_warps=4)
+    return lq, lk

@@ -22,7 +22,7 @@ from ..spec import Config
 from .backward import sparse_backward_fused, sparse_backward_kv, sparse_backward_q
 from .common import Geometry, poison_outputs
 from .forward import sparse_forward
-from .mask import TileLists, list_size, tile_lists
+from .mask import TileLists, list_size, tile_list_pair, tile_lists
 from .tau import mask_shape, solve_tau, tau_scratch_size
 
 __all__ = [
@@ -86,26 +86,35 @@ def _prepare(q, k, v, varlen):
     return q, k, v, varlen
 
 
+@functools.lru_cache(maxsize=512)
+def _forward_buffers(geo: Geometry, config: Config) -> tuple[tuple[int, int, int], int]:
+    """(block-mask shape at the config's mask tile, int32 entries of the scratch that the tau
+    sweeps and the forward's tile lists share)."""
+    fwd_tile = (config["fwd_block_m"], config["fwd_block_n"])
+    scratch = max(tau_scratch_size(geo, config), list_size(geo, fwd_tile, transposed=False))
+    return (geo.rows, *mask_shape(geo, config)), scratch
+
+
 def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tensor:
     """The block-mask buffer at the config's mask tile (the tau kernel writes every entry)."""
-    return torch.empty((geo.rows, *mask_shape(geo, config)), dtype=torch.int8, device=device)
+    return torch.empty(_forward_buffers(geo, config)[0], dtype=torch.int8, device=device)
 
 
 def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     """(out, stats (2, B*Hq, N) = (tau, 1 / sum p) or None, mask, O2 or None). The tau sweeps'
-    scratch and the forward's tile lists share one buffer."""
+    scratch and the forward's tile lists share one buffer; the tau kernel writes every entry of
+    the block mask."""
     geo = Geometry.of(q, k)
-    mask = _new_mask(geo, config, q.device)
+    shape, scratch_size = _forward_buffers(geo, config)
+    mask = torch.empty(shape, dtype=torch.int8, device=q.device)
     stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
-    fwd_tile = (config["fwd_block_m"], config["fwd_block_n"])
-    scratch = torch.empty(max(tau_scratch_size(geo, config), list_size(geo, fwd_tile, transposed=False)),
-                          dtype=torch.int32, device=q.device)
-    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=stats[0])
-    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]), fwd_tile,
-                       transposed=False, buffer=scratch)
+    scratch = torch.empty(scratch_size, dtype=torch.int32, device=q.device)
+    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=stats[0], geo=geo)
+    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
+                       (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
     need_o2 = need_stats and config["bwd_mode"] == "fused"
     out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
-                                need_stats=need_stats, need_o2=need_o2, inv_l_out=stats[1])
+                                need_stats=need_stats, need_o2=need_o2, inv_l_out=stats[1], geo=geo)
     return out, (stats if need_stats else None), mask, o2
 
 
@@ -124,14 +133,16 @@ def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causa
         lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
         return sparse_backward_fused(q, k, v, grad_out, o2, tau, inv_l, lists, varlen, alpha, scale,
                                      is_causal, config)
-    lists = tile_lists(mask, geo, varlen, is_causal, mask_tile,
-                       (config["bwd_q_block_m"], config["bwd_q_block_n"]), transposed=False)
+    q_tile = (config["bwd_q_block_m"], config["bwd_q_block_n"])
+    if need_kv:  # both tilings' lists from one launch into one buffer
+        lists, kv_lists = tile_list_pair(mask, geo, varlen, is_causal, mask_tile, q_tile, kv_tile)
+    else:
+        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, q_tile, transposed=False)
     dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config,
                                   alpha_rows)
     dk = dv = None
     if need_kv:
-        lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, kv_tile, transposed=True)
-        dk, dv = sparse_backward_kv(q, k, v, grad_out, tau, inv_l, delta, lists, varlen, alpha, scale,
+        dk, dv = sparse_backward_kv(q, k, v, grad_out, tau, inv_l, delta, kv_lists, varlen, alpha, scale,
                                     is_causal, config)
     return dq, dk, dv
 

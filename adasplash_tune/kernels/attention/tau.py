@@ -35,6 +35,8 @@ Units: ``z = c * q.k`` with ``c = (alpha - 1) * scale``; tau is in z units.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -437,6 +439,29 @@ def resolve_tol(config: Config, dtype: torch.dtype, alpha: float) -> float:
 _INIT = {"lo": 0, "mid": 1, "subset": 2}
 
 
+@functools.lru_cache(maxsize=512)
+def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool, has_varlen: bool,
+               dtype: torch.dtype, with_stats: bool) -> tuple[tuple[int, int], tuple, dict]:
+    """(grid, scalar arguments, constexprs and options) of the tau kernel for one problem and
+    config: computed once, so a warm call only allocates and launches."""
+    bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
+    tm, tn = mask_shape(geo, config)
+    n_mblocks = triton.cdiv(geo.seq_len, bm)
+    scalars = (geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, triton.cdiv(geo.seq_len, bns),
+               (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 1.0 - alpha, resolve_tol(config, dtype, alpha),
+               int(config["niter"]))
+    meta = dict(
+        B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
+        HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
+        TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
+        WITH_STATS=with_stats,
+        BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
+        DOT_PREC=dot_precision(dtype),
+        num_warps=config["tau_warps"], num_stages=config["tau_stages"],
+    )
+    return (n_mblocks, geo.rows), scalars, meta
+
+
 def solve_tau(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -449,31 +474,20 @@ def solve_tau(
     scratch: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    geo: Geometry | None = None,
 ) -> torch.Tensor:
     """tau (B*Hq, N) float32 in z units; writes every entry of ``mask`` (B*Hq, TM, TN) int8 as the
     0/1 block mask. q, k contiguous. ``scratch``: int32 with at least :func:`tau_scratch_size`
     entries (allocated when None). ``stats`` (optional, int32 of STATS_SLOTS zeros) receives the
     sweep counters (programs, tiles visited per sweep, programs per sweep). ``out``: where to write
-    tau (contiguous float32 (B*Hq, N)), allocated when None."""
-    geo = Geometry.of(q, k)
-    bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
-    tm, tn = mask_shape(geo, config)
+    tau (contiguous float32 (B*Hq, N)), allocated when None. ``geo``: ``Geometry.of(q, k)`` when
+    the caller has it."""
+    geo = Geometry.of(q, k) if geo is None else geo
+    grid, scalars, meta = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
+                                     stats is not None)
     tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if out is None else out
-    n_mblocks = triton.cdiv(geo.seq_len, bm)
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
     lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
-    launch(_tau_kernel, (n_mblocks, geo.rows),
-        q, k, tau, mask, scratch, lens, stats if stats is not None else tau,
-        geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, triton.cdiv(geo.seq_len, bns),
-        (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 1.0 - alpha, resolve_tol(config, q.dtype, alpha),
-        int(config["niter"]),
-        B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
-        HAS_VARLEN=varlen is not None, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
-        TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
-        WITH_STATS=stats is not None,
-        BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
-        DOT_PREC=dot_precision(q.dtype),
-        num_warps=config["tau_warps"], num_stages=config["tau_stages"],
-    )
+    launch(_tau_kernel, grid, q, k, tau, mask, scratch, lens, stats if stats is not None else tau, *scalars, **meta)
     return tau
