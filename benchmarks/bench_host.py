@@ -261,16 +261,19 @@ def train_part(cuda: bool, quick: bool) -> list[dict[str, Any]]:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     layers, width, heads = (2, 64, 2) if quick else (12, 768, 12)
     problems = [(2, 32)] if quick else [(8, 512), (1, 8192)]
-    warmup, steps = (1, 2) if quick else (3, 10)
-    methods = {"adasplash": lambda q, k, v: adasplash_tune.adasplash(q, k, v, ALPHA, False),
-               "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    warmup, steps = (1, 2) if quick else (3, 20)
+    ours = lambda q, k, v: adasplash_tune.adasplash(q, k, v, ALPHA, False)  # noqa: E731
+    methods = {"adasplash": ours, "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    if cuda:  # the same model with every kernel through Triton's own dispatch (kernels/launch.py off)
+        methods["adasplash_triton_dispatch"] = ours
     rows = []
     for batch, n in problems:
         for name, attend in methods.items():
             torch.manual_seed(0)
             model = _encoder(layers, width, heads, attend, device, dtype)
             x = torch.randn(batch, n, width, device=device, dtype=dtype)
-            times, peaks = _train_steps(model, x, warmup, steps, cuda)
+            with _direct_launch(name != "adasplash_triton_dispatch"):
+                times, peaks = _train_steps(model, x, warmup, steps, cuda)
             rows.append({"batch": batch, "seq_len": n, "layers": layers, "width": width, "heads": heads,
                          "dtype": str(dtype).replace("torch.", ""), "method": name,
                          "step_ms": statistics.median(times), "step_min_ms": min(times),

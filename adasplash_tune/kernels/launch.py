@@ -1,56 +1,101 @@
-"""Kernel launches that skip Triton's per-call dispatch once a kernel is compiled.
+"""Kernel launches planned once per (problem, config): Triton's per-call dispatch skipped when warm.
 
 ``fn[grid](*args, **meta)`` binds the arguments, computes their specialisation, hashes a cache key,
 checks globals and builds launch metadata on every call: tens of microseconds of host time, several
-times per attention call. :func:`launch` does that once per *launch signature* (argument dtypes,
-16-byte pointer alignment, integer values, constexprs and launch options, device) and afterwards
-calls the compiled kernel's own launcher with the same positional arguments Triton would pass.
+times per attention call. A :class:`Launch` is built once per problem and config by the stage that
+owns the kernel (memoised there): the grid, every scalar argument and every constexpr and launch
+option. Calling it with the call's tensors launches the kernel; after the first call on a device,
+through the compiled kernel's own launcher with the positional arguments Triton would pass.
 
-What makes the shortcut safe: every input of Triton's specialisation is in the signature key.
-Tensors are keyed by dtype and whether their address is a multiple of 16 (the only pointer
-property Triton specialises on); integers by their value (Triton specialises on ``== 1``, on
-divisibility by 16 and on the 32/64-bit range); floats and ``None`` by their type; constexprs
-and options (``num_warps``, ...) by value. Anything the shortcut cannot handle — the interpreter,
-a launch hook set by a profiler, a Triton without the compiled-kernel launcher — takes Triton's
-own path, so behaviour never depends on it. ``ADASPLASH_TUNE_DIRECT_LAUNCH=0`` turns it off.
+Why that is safe: Triton specialises a kernel on its constexprs and options (fixed in the plan), on
+integer arguments (fixed in the plan), on argument types (the plan's problem fixes every dtype) and
+on whether each pointer is a multiple of 16: the compiled kernel is recorded per device and per
+pattern of 16-byte-aligned tensors. Everything the shortcut cannot handle takes Triton's own path:
+the interpreter, a launch hook set by a profiler, a Triton whose compiled kernels lack the
+launcher. ``ADASPLASH_TUNE_DIRECT_LAUNCH=0`` turns the shortcut off.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import torch
-
-__all__ = ["launch", "direct_launch_enabled", "clear_launch_cache"]
-
-_ENTRIES: dict[tuple, tuple | None] = {}
-_MAX_ENTRIES = 4096
+__all__ = ["Launch", "direct_launch_enabled"]
 
 
 def direct_launch_enabled() -> bool:
     """Whether compiled kernels are re-launched directly (off under the interpreter or when
     ``ADASPLASH_TUNE_DIRECT_LAUNCH=0``). Read per call: tests and benchmarks may toggle it."""
-    return (os.environ.get("ADASPLASH_TUNE_DIRECT_LAUNCH", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET", "0") != "1")
+    env = os.environ
+    return env.get("ADASPLASH_TUNE_DIRECT_LAUNCH", "1") != "0" and env.get("TRITON_INTERPRET", "0") != "1"
 
 
-def clear_launch_cache() -> None:
-    """Forget every recorded launch (the next launch of each kernel goes through Triton again)."""
-    _ENTRIES.clear()
+class Launch:
+    """One kernel launch of a planned problem: ``Launch(fn, grid, scalars, meta)(*tensors)`` runs
+    ``fn[grid](*tensors, *scalars, **meta)``.
+
+    ``tensors`` are the kernel's leading (pointer) parameters, ``scalars`` the following ones up to
+    the first parameter passed by name; ``meta`` holds the remaining parameters by name and Triton's
+    launch options (``num_warps``, ``num_stages``). Every value but the tensors is fixed per plan."""
+
+    __slots__ = ("fn", "grid", "scalars", "meta", "_direct")
+
+    def __init__(self, fn: Any, grid: tuple[int, ...], scalars: tuple, meta: dict[str, Any]) -> None:
+        self.fn, self.grid, self.scalars, self.meta = fn, tuple(grid), tuple(scalars), dict(meta)
+        self._direct: dict[int, tuple | None] = {}  # (alignment, device) -> (run, function, packed, tail)
+
+    def __call__(self, *tensors: Any) -> None:
+        if not direct_launch_enabled():
+            self.fn[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        odd, bit = 0, 1  # which pointers are not 16-byte aligned: Triton specialises on that
+        for t in tensors:
+            if t.data_ptr() & 15:
+                odd |= bit
+            bit <<= 1
+        drv = _driver()
+        device = drv.get_current_device()
+        key = odd << 8 | device
+        entry = self._direct.get(key, False)
+        if entry and not _hooks_set():
+            run, function, packed, tail = entry
+            g = self.grid
+            run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, drv.get_current_stream(device),
+                function, packed, None, None, None, *tensors, *tail)
+            return
+        kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
+        if entry is False:  # first launch with this alignment on this device: record the compiled kernel
+            self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__name__", None) or getattr(getattr(self.fn, "fn", None), "__name__", "?")
+        return f"Launch({name}, grid={self.grid})"
 
 
-def _arg_key(arg: Any) -> Any:
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() & 15 == 0)
-    if isinstance(arg, bool) or isinstance(arg, int):
-        return (type(arg), arg)
-    if isinstance(arg, float):
-        return float
-    if arg is None:
+def _direct_entry(fn: Any, kernel: Any, n_tensors: int, scalars: tuple, meta: dict[str, Any]) -> tuple | None:
+    """(run, function, packed metadata, positional arguments after the tensors) of a compiled
+    kernel, or None when this Triton's compiled kernels cannot be launched that way."""
+    if kernel is None:
         return None
-    return (type(arg), arg)  # strings, dtypes: compile-time values, keyed by value
+    if hasattr(kernel, "result"):  # an asynchronous compile's future
+        kernel = kernel.result()
+    try:
+        run, function, packed = kernel.run, kernel.function, kernel.packed_metadata
+        names, params = list(fn.arg_names), list(fn.params)
+    except AttributeError:
+        return None
+    if function is None or len(names) != len(params):
+        return None
+    tail = list(scalars)
+    for name, param in zip(names[n_tensors + len(scalars):], params[n_tensors + len(scalars):]):
+        if name in meta:
+            tail.append(meta[name])
+        elif getattr(param, "has_default", False):
+            tail.append(param.default)
+        else:
+            return None
+    return run, function, packed, tuple(tail)
 
 
 def _hooks_set() -> bool:
@@ -61,7 +106,15 @@ def _hooks_set() -> bool:
 
         return (getattr(CompiledKernel, "launch_enter_hook", None) is not None
                 or getattr(CompiledKernel, "launch_exit_hook", None) is not None)
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
+
+
+def _hook_active(hook: Any) -> bool:
+    """None, or an empty hook chain (Triton >= 3.5 keeps one that is never None), is inactive."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,55 +132,3 @@ def _driver() -> Any:
     from triton.runtime import driver
 
     return driver.active
-
-
-def _direct_entry(fn: Any, kernel: Any, n_args: int, meta: dict[str, Any]) -> tuple | None:
-    """(run, function, packed metadata, trailing positional arguments) of a compiled kernel, or
-    None when this Triton's compiled kernels cannot be launched that way."""
-    if hasattr(kernel, "result"):  # an asynchronous compile's future
-        kernel = kernel.result()
-    try:
-        run, function, packed = kernel.run, kernel.function, kernel.packed_metadata
-        names, params = fn.arg_names, fn.params
-    except AttributeError:
-        return None
-    if function is None or len(names) != len(params):
-        return None
-    tail = []
-    for name, param in zip(names[n_args:], params[n_args:]):
-        if name in meta:
-            tail.append(meta[name])
-        elif param.has_default:
-            tail.append(param.default)
-        else:
-            return None
-    return run, function, packed, tuple(tail)
-
-
-def launch(fn: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
-    """``fn[grid](*args, **meta)`` for a ``@triton.jit`` function, through the compiled kernel's
-    launcher once this launch signature has been compiled (see the module docstring).
-
-    ``args`` are the kernel's leading parameters, positionally; ``meta`` the remaining ones by
-    name (constexprs) and Triton's launch options (``num_warps``, ``num_stages``, ...)."""
-    if not direct_launch_enabled():
-        fn[tuple(grid)](*args, **meta)
-        return
-    drv = _driver()
-    device = drv.get_current_device()
-    key = (fn, device, tuple(map(_arg_key, args)), tuple(meta.items()))
-    entry = _ENTRIES.get(key, False)
-    if entry and not _hooks_set():
-        run, function, packed, tail = entry
-        g0 = grid[0]
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        if g0 * g1 * g2 == 0:
-            return
-        run(g0, g1, g2, drv.get_current_stream(device), function, packed, None, None, None, *args, *tail)
-        return
-    kernel = fn[tuple(grid)](*args, **meta)
-    if entry is False:
-        if len(_ENTRIES) >= _MAX_ENTRIES:
-            _ENTRIES.clear()
-        _ENTRIES[key] = _direct_entry(fn, kernel, len(args), meta) if kernel is not None else None

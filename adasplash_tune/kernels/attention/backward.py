@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
+from ..launch import Launch
 from ..powers import pow_b, pow_bm1
 from ..problem import integer_b
 from ..spec import Config
@@ -313,27 +313,41 @@ def _bwd_q_kernel(
         tl.store(GALPHA + stat, tl.where(has, g, 0.0), mask=row_in)
 
 
+_BWD_KERNELS = {"q": _bwd_q_kernel, "kv": _bwd_kv_kernel, "fused": _bwd_fused_kernel}
+
+
 @functools.lru_cache(maxsize=512)
 def backward_launch(kind: str, geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool,
-                    has_varlen: bool, dtype: torch.dtype, alpha_grad: bool) -> tuple[tuple, tuple, dict]:
-    """(scalar arguments before the list sizes, those after, constexprs and options) of one
-    backward kernel (``kind``: "q", "kv" or "fused") for one problem and config: computed once,
-    so a warm call only allocates and launches."""
+                    has_varlen: bool, dtype: torch.dtype, alpha_grad: bool) -> Launch:
+    """The launch of one backward kernel (``kind``: "q" over query-major lists of the dQ tiles,
+    "kv" or "fused" over key-major lists of the dK/dV tiles) for one problem and config: planned
+    once, so a warm call only allocates and launches."""
     if kind == "q":
-        head = (geo.seq_len, geo.q_heads, geo.group)
         bm, bn = config["bwd_q_block_m"], config["bwd_q_block_n"]
+        n_own, n_cand = triton.cdiv(geo.seq_len, bm), triton.cdiv(geo.seq_len, bn)
+        head = (geo.seq_len, geo.q_heads, geo.group)
         warps, stages = config["bwd_q_warps"], config["bwd_q_stages"]
         extra = dict(EVEN_D=geo.even_d, ALPHA_GRAD=alpha_grad)
+        grid = (n_own, geo.rows)
     else:
-        head = (geo.seq_len, geo.q_heads, geo.kv_heads, geo.group)
         bm, bn = config["bwd_block_m"], config["bwd_block_n"]
+        n_own, n_cand = triton.cdiv(geo.seq_len, bn), triton.cdiv(geo.seq_len, bm)
+        head = (geo.seq_len, geo.q_heads, geo.kv_heads, geo.group)
         warps, stages = config["bwd_warps"], config["bwd_stages"]
         extra = {}
-    tail = ((alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 2.0 - alpha, scale)
+        grid = (n_own, geo.batch * geo.kv_heads)
+    scalars = (*head, n_own, n_cand, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 2.0 - alpha, scale)
     meta = dict(B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim,
                 BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(dtype), **extra,
                 num_warps=warps, num_stages=stages)
-    return head, tail, meta
+    return Launch(_BWD_KERNELS[kind], grid, scalars, meta)
+
+
+def _check_lists(lists: TileLists, run: Launch, what: str) -> None:
+    n_own, n_cand = run.scalars[-6], run.scalars[-5]
+    if (lists.n_own, lists.n_cand) != (n_own, n_cand):
+        raise ValueError(f"lists of {lists.n_own} x {lists.n_cand} tiles do not match the {what} tiles of the config "
+                         f"({n_own} x {n_cand})")
 
 
 def sparse_backward_kv(
@@ -343,13 +357,12 @@ def sparse_backward_kv(
     """(dk, dv) in k's shape and dtype; ``lists``: key-major (transposed) for (bwd_block_m, bwd_block_n);
     ``delta`` from :func:`sparse_backward_q`. q, k, v, grad_out contiguous."""
     geo = Geometry.of(q, k)
-    head, tail, meta = backward_launch("kv", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, False)
+    run = backward_launch("kv", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, False)
+    _check_lists(lists, run, "dK/dV")
     dk = alloc(k.shape, k.dtype, k.device)
     dv = alloc(v.shape, v.dtype, v.device)
     lens = varlen if varlen is not None else tau
-    launch(_bwd_kv_kernel, (lists.n_own, geo.batch * geo.kv_heads),
-           q, k, v, grad_out, tau, inv_l, delta, dk, dv, lists.index, lists.count, lens,
-           *head, lists.n_own, lists.n_cand, *tail, **meta)
+    run(q, k, v, grad_out, tau, inv_l, delta, dk, dv, lists.index, lists.count, lens)
     return dk, dv
 
 
@@ -361,14 +374,14 @@ def sparse_backward_q(
     query-major for (bwd_q_block_m, bwd_q_block_n). With ``alpha_rows`` ((B*Hq, N) float32) the
     same pass also writes each row's share of d(sum dO * out)/dalpha there (one log per score)."""
     geo = Geometry.of(q, k)
-    head, tail, meta = backward_launch("q", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
-                                       alpha_rows is not None)
+    run = backward_launch("q", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
+                          alpha_rows is not None)
+    _check_lists(lists, run, "dQ")
     dq = alloc(q.shape, q.dtype, q.device)
     delta = alloc((geo.rows, geo.seq_len), torch.float32, q.device)
     lens = varlen if varlen is not None else tau
-    launch(_bwd_q_kernel, (lists.n_own, geo.rows),
-           q, k, v, grad_out, tau, inv_l, delta, dq, alpha_rows if alpha_rows is not None else delta,
-           lists.index, lists.count, lens, *head, lists.n_own, lists.n_cand, *tail, **meta)
+    run(q, k, v, grad_out, tau, inv_l, delta, dq, alpha_rows if alpha_rows is not None else delta,
+        lists.index, lists.count, lens)
     return dq, delta
 
 
@@ -380,13 +393,11 @@ def sparse_backward_fused(
     atomic adds into float32. ``lists``: key-major (transposed) for (bwd_block_m, bwd_block_n);
     ``o2`` from the forward (``need_o2``). q, k, v, grad_out, o2 contiguous."""
     geo = Geometry.of(q, k)
-    head, tail, meta = backward_launch("fused", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
-                                       False)
+    run = backward_launch("fused", geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, False)
+    _check_lists(lists, run, "dK/dV")
     dk = alloc(k.shape, k.dtype, k.device)
     dv = alloc(v.shape, v.dtype, v.device)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lens = varlen if varlen is not None else tau
-    launch(_bwd_fused_kernel, (lists.n_own, geo.batch * geo.kv_heads),
-           q, k, v, grad_out, o2, tau, inv_l, dk, dv, dq, lists.index, lists.count, lens,
-           *head, lists.n_own, lists.n_cand, *tail, **meta)
+    run(q, k, v, grad_out, o2, tau, inv_l, dk, dv, dq, lists.index, lists.count, lens)
     return dq.to(q.dtype), dk, dv

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
+from ..launch import Launch
 from ..powers import pow_b, pow_bm1
 from ..problem import integer_b
 from ..spec import Config
@@ -121,19 +121,18 @@ def _fwd_kernel(
 
 @functools.lru_cache(maxsize=512)
 def forward_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool, has_varlen: bool,
-                   dtype: torch.dtype, need_stats: bool, need_o2: bool) -> tuple[tuple, tuple, dict]:
-    """(scalar arguments before the list sizes, those after, constexprs and options) of the
-    forward kernel for one problem and config: computed once, so a warm call only allocates and
-    launches."""
-    head = (geo.seq_len, geo.q_heads, geo.group)
-    tail = ((alpha - 1.0) * scale, 1.0 / (alpha - 1.0))
+                   dtype: torch.dtype, need_stats: bool, need_o2: bool) -> Launch:
+    """The forward kernel's launch for one problem and config (query-major lists of the config's
+    forward tiles): planned once, so a warm call only allocates and launches."""
+    bm, bn = config["fwd_block_m"], config["fwd_block_n"]
+    n_q, n_k = triton.cdiv(geo.seq_len, bm), triton.cdiv(geo.seq_len, bn)
+    scalars = (geo.seq_len, geo.q_heads, geo.group, n_q, n_k, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0))
     meta = dict(
         B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, NEED_STATS=need_stats,
-        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=config["fwd_block_m"],
-        BN=config["fwd_block_n"], BD=geo.block_d, DOT_PREC=dot_precision(dtype),
-        num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
+        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d,
+        DOT_PREC=dot_precision(dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
     )
-    return head, tail, meta
+    return Launch(_fwd_kernel, (n_q, geo.rows), scalars, meta)
 
 
 def sparse_forward(
@@ -160,15 +159,15 @@ def sparse_forward(
     ``inv_l_out``: where to write 1 / sum p (contiguous float32 (B*Hq, N)), allocated when None.
     ``geo``: ``Geometry.of(q, k)`` when the caller has it."""
     geo = Geometry.of(q, k) if geo is None else geo
-    head, tail, meta = forward_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
-                                      need_stats, need_o2)
+    run = forward_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, need_stats, need_o2)
+    if (lists.n_own, lists.n_cand) != run.scalars[3:5]:
+        raise ValueError(f"lists of {lists.n_own} x {lists.n_cand} tiles do not match the forward tiles "
+                         f"{config['fwd_block_m']} x {config['fwd_block_n']} of the config")
     out = alloc(q.shape, q.dtype, q.device)
     inv_l = None
     if need_stats:
         inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if inv_l_out is None else inv_l_out
     o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
     lens = varlen if varlen is not None else tau
-    launch(_fwd_kernel, (lists.n_own, geo.rows),
-           q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens,
-           *head, lists.n_own, lists.n_cand, *tail, **meta)
+    run(q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens)
     return out, inv_l, o2

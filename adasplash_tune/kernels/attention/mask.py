@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
+from ..launch import Launch
 from .common import Geometry
 
 __all__ = ["tile_lists", "tile_list_pair", "list_size", "TileLists"]
@@ -127,9 +127,9 @@ def list_size(geo: Geometry, block: tuple[int, int], *, transposed: bool) -> int
 
 @functools.lru_cache(maxsize=512)
 def list_launch(geo: Geometry, is_causal: bool, has_varlen: bool, mask_tile: tuple[int, int],
-                block: tuple[int, int], transposed: bool) -> tuple[tuple[int, int], tuple, dict]:
-    """(grid, scalar arguments (tm, tn, n_own, n_cand, ...), constexprs and options) of the list
-    kernel for one compute tiling: computed once per problem and tiling."""
+                block: tuple[int, int], transposed: bool) -> Launch:
+    """The list kernel's launch for one compute tiling (scalars: tm, tn, n_own, n_cand, ...):
+    planned once per problem and tiling."""
     mm, mn = mask_tile
     bm, bn = block
     if bm % mm or bn % mn:
@@ -143,7 +143,7 @@ def list_launch(geo: Geometry, is_causal: bool, has_varlen: bool, mask_tile: tup
     scalars = (tm, tn, n_own, n_cand, geo.seq_len, geo.q_heads, own_block, cand_block)
     meta = dict(R_OWN=r_own, R_CAND=r_cand, CHUNK=min(_CHUNK, triton.next_power_of_2(n_cand)),
                 TRANSPOSED=transposed, IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, num_warps=4)
-    return (n_own, geo.rows), scalars, meta
+    return Launch(_list_kernel, (n_own, geo.rows), scalars, meta)
 
 
 def tile_lists(
@@ -164,16 +164,31 @@ def tile_lists(
     ``buffer``: an int32 tensor of at least :func:`list_size` entries to hold the lists (one
     allocation when None).
     """
-    grid, scalars, meta = list_launch(geo, is_causal, varlen is not None, mask_tile, block, transposed)
-    n_own, n_cand = scalars[2], scalars[3]
+    run = list_launch(geo, is_causal, varlen is not None, mask_tile, block, transposed)
+    n_own, n_cand = run.scalars[2], run.scalars[3]
     size, n_count = geo.rows * n_own * n_cand, geo.rows * n_own * 2
     if buffer is None:
         buffer = torch.empty(size + n_count, dtype=torch.int32, device=mask.device)
     index = buffer[:size].view(geo.rows, n_own, n_cand)
     count = buffer[size:size + n_count].view(geo.rows, n_own, 2)
     lens = varlen if varlen is not None else count
-    launch(_list_kernel, grid, mask, index, count, lens, *scalars, **meta)
+    run(mask, index, count, lens)
     return TileLists(index, count, n_own, n_cand)
+
+
+@functools.lru_cache(maxsize=512)
+def list_pair_launch(geo: Geometry, is_causal: bool, has_varlen: bool, mask_tile: tuple[int, int],
+                     q_block: tuple[int, int], kv_block: tuple[int, int]) -> Launch:
+    """The launch of both backward tilings' lists at once (query-major for ``q_block``, key-major
+    for ``kv_block``), planned once per problem and tilings."""
+    q = list_launch(geo, is_causal, has_varlen, mask_tile, q_block, False)
+    kv = list_launch(geo, is_causal, has_varlen, mask_tile, kv_block, True)
+    sq, sk = q.scalars, kv.scalars  # tm, tn, n_own, n_cand, seq_len, H, own_block, cand_block
+    scalars = (sq[0], sq[1], geo.seq_len, geo.q_heads, sq[2], sq[3], sq[6], sq[7], sk[2], sk[3], sk[6], sk[7])
+    meta = dict(R_OWN_Q=q.meta["R_OWN"], R_CAND_Q=q.meta["R_CAND"], CHUNK_Q=q.meta["CHUNK"],
+                R_OWN_K=kv.meta["R_OWN"], R_CAND_K=kv.meta["R_CAND"], CHUNK_K=kv.meta["CHUNK"],
+                IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, num_warps=4)
+    return Launch(_list_pair_kernel, (max(sq[2], sk[2]), geo.rows, 2), scalars, meta)
 
 
 def tile_list_pair(
@@ -189,23 +204,17 @@ def tile_list_pair(
     """Both tilings of the split backward in one launch: (query-major lists for ``q_block``,
     key-major lists for ``kv_block``), the same lists :func:`tile_lists` builds one at a time.
     ``buffer``: int32 with at least the two :func:`list_size` entries, the query-major ones first."""
-    grid_q, sq, mq = list_launch(geo, is_causal, varlen is not None, mask_tile, q_block, False)
-    grid_k, sk, mk = list_launch(geo, is_causal, varlen is not None, mask_tile, kv_block, True)
+    run = list_pair_launch(geo, is_causal, varlen is not None, mask_tile, q_block, kv_block)
     q_size = list_size(geo, q_block, transposed=False)
     if buffer is None:
         buffer = torch.empty(q_size + list_size(geo, kv_block, transposed=True), dtype=torch.int32,
                              device=mask.device)
+    s = run.scalars  # TM, TN, seq_len, H, then per tiling: n_own, n_cand, own_block, cand_block
     lists = []
-    for (n_own, n_cand), part in (((sq[2], sq[3]), buffer[:q_size]), ((sk[2], sk[3]), buffer[q_size:])):
+    for (n_own, n_cand), part in (((s[4], s[5]), buffer[:q_size]), ((s[8], s[9]), buffer[q_size:])):
         size = geo.rows * n_own * n_cand
         lists.append(TileLists(part[:size].view(geo.rows, n_own, n_cand),
                                part[size:size + geo.rows * n_own * 2].view(geo.rows, n_own, 2), n_own, n_cand))
     lq, lk = lists
-    lens = varlen if varlen is not None else lq.count
-    launch(_list_pair_kernel, (max(grid_q[0], grid_k[0]), geo.rows, 2),
-           mask, lq.index, lq.count, lk.index, lk.count, lens,
-           sq[0], sq[1], geo.seq_len, geo.q_heads, sq[2], sq[3], sq[6], sq[7], sk[2], sk[3], sk[6], sk[7],
-           R_OWN_Q=mq["R_OWN"], R_CAND_Q=mq["R_CAND"], CHUNK_Q=mq["CHUNK"],
-           R_OWN_K=mk["R_OWN"], R_CAND_K=mk["R_CAND"], CHUNK_K=mk["CHUNK"],
-           IS_CAUSAL=is_causal, HAS_VARLEN=varlen is not None, num_warps=4)
+    run(mask, lq.index, lq.count, lk.index, lk.count, varlen if varlen is not None else lq.count)
     return lq, lk

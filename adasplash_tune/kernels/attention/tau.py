@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ..declarations.attention import TAU_TOL_AUTO
-from ..launch import launch
+from ..launch import Launch
 from ..powers import tau_terms
 from ..problem import integer_b
 from ..spec import Config
@@ -441,9 +441,9 @@ _INIT = {"lo": 0, "mid": 1, "subset": 2}
 
 @functools.lru_cache(maxsize=512)
 def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool, has_varlen: bool,
-               dtype: torch.dtype, with_stats: bool) -> tuple[tuple[int, int], tuple, dict]:
-    """(grid, scalar arguments, constexprs and options) of the tau kernel for one problem and
-    config: computed once, so a warm call only allocates and launches."""
+               dtype: torch.dtype, with_stats: bool) -> Launch:
+    """The tau kernel's launch for one problem and config (grid, scalars, constexprs, options):
+    planned once, so a warm call only allocates and launches."""
     bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
     tm, tn = mask_shape(geo, config)
     n_mblocks = triton.cdiv(geo.seq_len, bm)
@@ -459,7 +459,7 @@ def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_cau
         DOT_PREC=dot_precision(dtype),
         num_warps=config["tau_warps"], num_stages=config["tau_stages"],
     )
-    return (n_mblocks, geo.rows), scalars, meta
+    return Launch(_tau_kernel, (n_mblocks, geo.rows), scalars, meta)
 
 
 def solve_tau(
@@ -483,11 +483,10 @@ def solve_tau(
     tau (contiguous float32 (B*Hq, N)), allocated when None. ``geo``: ``Geometry.of(q, k)`` when
     the caller has it."""
     geo = Geometry.of(q, k) if geo is None else geo
-    grid, scalars, meta = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype,
-                                     stats is not None)
+    run = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, stats is not None)
     tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if out is None else out
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
     lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
-    launch(_tau_kernel, grid, q, k, tau, mask, scratch, lens, stats if stats is not None else tau, *scalars, **meta)
+    run(q, k, tau, mask, scratch, lens, stats if stats is not None else tau)
     return tau
