@@ -383,7 +383,8 @@ def test_gpu_cuda_graph_capture():
 @pytest.mark.parametrize("name", ["default", "subset"])
 def test_gpu_direct_launch_matches_triton_path(name, monkeypatch):
     """Re-launching compiled kernels directly (kernels/launch.py) gives exactly what Triton's own
-    launches give, also for inputs whose addresses are not 16-byte aligned (a new specialisation)."""
+    launches give (up to the fused backward's atomic dQ), also for inputs whose addresses are not
+    16-byte aligned (a new specialisation)."""
     case = (2, 4, 2, 300, 80, 1.5, True, (300, 129))
     q, k, v, alpha, causal, varlen = _inputs(case, torch.bfloat16, "cuda")
     cfg = op.checked_config(TRITON.validate(CONFIGS.get(name, {})), q)
@@ -406,8 +407,11 @@ def test_gpu_direct_launch_matches_triton_path(name, monkeypatch):
     for _ in range(2):  # the first call records each planned launch, the second launches directly
         got = step(q, k, v)
         got_odd = step(*map(misaligned, (q, k, v)))
-        for a, b in zip(got + got_odd, want + want_odd):
-            assert torch.equal(a, b)
+        for i, (a, b) in enumerate(zip(got + got_odd, want + want_odd)):
+            if i % 4 == 1 and cfg["bwd_mode"] == "fused":  # dQ by float atomics: order-dependent rounding
+                assert relative_error(a, b) <= 1e-2
+            else:
+                assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- learnable alpha
