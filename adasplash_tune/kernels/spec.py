@@ -94,17 +94,19 @@ class Config:
         return cached
 
     def __reduce__(self) -> tuple:
-        # the fields only: a string's hash (hence the cached one) differs between processes
+        # the fields only: a string's hash (hence the cached one) differs between processes, and
+        # the lookup dict is rebuilt on demand
         return (Config, (self.kernel, self.backend, self.items))
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.items)
 
     def __getitem__(self, name: str) -> Any:
-        for key, value in self.items:
-            if key == name:
-                return value
-        raise KeyError(name)
+        lookup = self.__dict__.get("_lookup")
+        if lookup is None:  # built once per instance (the call path reads knobs on every call)
+            lookup = dict(self.items)
+            object.__setattr__(self, "_lookup", lookup)
+        return lookup[name]
 
     def get(self, name: str, default: Any = None) -> Any:
         try:

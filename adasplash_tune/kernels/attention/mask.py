@@ -118,6 +118,7 @@ class TileLists:
         self.index, self.count, self.n_own, self.n_cand = index, count, n_own, n_cand
 
 
+@functools.lru_cache(maxsize=1024)
 def list_size(geo: Geometry, block: tuple[int, int], *, transposed: bool) -> int:
     """int32 entries of one compute tiling's lists: the index lists, then the per-tile counts."""
     n_q, n_k = triton.cdiv(geo.seq_len, block[0]), triton.cdiv(geo.seq_len, block[1])

@@ -225,7 +225,7 @@ def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     out, stats, mask, o2 = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
                                     need_residuals)
-    out = out.to(q.dtype)
+    out = _as(out, q.dtype)
     if not need_residuals:
         return out, []
     if fixed_residuals:
@@ -265,11 +265,16 @@ def _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale
         mask = mask[: shape[0] * shape[1] * shape[2]].view(shape)
         rest = rest if cfg["bwd_mode"] == "fused" else []
     alpha_rows = torch.empty_like(stats[0]) if need_alpha else None
-    dq, dk, dv = _backward(grad_out.to(qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
+    dq, dk, dv = _backward(_as(grad_out, qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
                            float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2],
                            alpha_rows=alpha_rows)
-    return (dq.to(q.dtype) if needs[0] else None, dk.to(k.dtype) if needs[1] else None,
-            dv.to(v.dtype) if needs[2] else None, alpha_rows.sum() if need_alpha else None)
+    return (_as(dq, q.dtype) if needs[0] else None, _as(dk, k.dtype) if needs[1] else None,
+            _as(dv, v.dtype) if needs[2] else None, alpha_rows.sum() if need_alpha else None)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (no ``.to`` call, and its dispatch cost, when it already is)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _compute_dtype(q, k, v):
