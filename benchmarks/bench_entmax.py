@@ -2,14 +2,18 @@
 
 For each (rows x cols) case and alpha it times (median of triton.testing.do_bench):
   * our kernel with the declared default config,
-  * a small sweep of launch configs at the default niter (best reported),
-  * a niter sweep on the best launch config, and the fastest config that passes the dtype's
-    forward tolerance against the fp64 oracle,
-  * torch.softmax (the bandwidth yardstick),
+  * a small sweep of launch configs (block_n, rows, num_warps) at the default accuracy knobs
+    (best reported),
+  * on the best launch config: the niter cap, the early-exit step tau_tol and the start tau_init
+    one at a time, and the fastest config that passes the dtype's forward tolerance against the
+    fp64 oracle,
+  * a copy y.copy_(x) (the bandwidth floor) and torch.softmax,
   * upstream `adasplash.triton_entmax` with its defaults, when importable.
 Every timed output's relative error against entmax_reference is measured on a row slice.
 
     python benchmarks/bench_entmax.py --out results/entmax_h200.json        # on a GPU
+    python benchmarks/bench_entmax.py --cases 4096x8192 --alpha 1.5,2,1.3 --sweep-alpha 1.5 \
+        --out /tmp/e.json                                                  # ~1 min, mostly compiling
     python benchmarks/bench_entmax.py --cpu-smoke --out /tmp/smoke.json    # CPU, interpreter
 """
 
@@ -22,13 +26,19 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 GPU_CASES = ((4096, 8192), (8192, 1024))
 SMOKE_CASES = ((3, 200), (4, 64))
-ALPHAS = (1.5, 2.0, 1.25)
-NITER_SWEEP = (2, 3, 4, 5, 6, 8, 10)
-SMOKE_NITER_SWEEP = (2, 10)
+ALPHAS = (1.5, 2.0, 1.3)
+#: Accuracy knobs swept one at a time on the best launch config (the others at their defaults).
+KNOB_SWEEPS = {
+    "niter": (1, 2, 3, 4, 6, 10),
+    "tau_tol": (0.3, 0.1, 0.03, 0.01, 0.003, 0.0),
+    "tau_init": ("lo",),
+}
+SMOKE_KNOB_SWEEPS = {"niter": (2, 10), "tau_tol": (0.1, 0.0), "tau_init": ("lo",)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,11 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny sizes on CPU tensors under TRITON_INTERPRET=1 (checks the script runs)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--alpha", default=None, help="comma list of alphas (default 1.5,2.0,1.25)")
+    parser.add_argument("--alpha", default=None, help="comma list of alphas (default 1.5,2.0,1.3)")
     parser.add_argument("--cases", default=None, help="comma list of ROWSxCOLS (default 4096x8192,8192x1024)")
     parser.add_argument("--scale", type=float, default=1.0, help="inputs are scale * randn")
     parser.add_argument("--sweep", default="small", choices=("none", "small", "wide"),
-                        help="launch-config sweep size (niter fixed at the default)")
+                        help="launch-config sweep size (accuracy knobs at their defaults); small: "
+                             "block_n tile and tile/2, rows 1/2, num_warps 4/8/16")
+    parser.add_argument("--sweep-alpha", default=None,
+                        help="comma list: only these alphas get the launch-config sweep (default: all); "
+                             "the others time the default config and the accuracy knobs")
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--ref-rows", type=int, default=256, help="rows compared with the fp64 oracle")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,12 +94,12 @@ def _pow2(n: int) -> int:
 
 
 def _sweep_configs(spec, rows: int, cols: int, size: str) -> list[dict[str, Any]]:
-    """Launch configs around the default (niter left at its default)."""
+    """Launch configs around the default (accuracy knobs left at their defaults)."""
     if size == "none":
         return []
     tile = min(_pow2(cols), 16384)
     blocks = [b for b in (tile, tile // 2, tile // 4) if b >= 64][: 2 if size == "small" else 3]
-    rows_choices = (1, 2, 4) if size == "small" else (1, 2, 4, 8)
+    rows_choices = (1, 2) if size == "small" else (1, 2, 4, 8)
     warps = (4, 8, 16) if size == "small" else (2, 4, 8, 16, 32)
     stages = (1,) if size == "small" else (1, 2)
     context = {"rows": rows, "cols": cols}
@@ -167,22 +181,30 @@ def bench_case(rows: int, cols: int, alpha: float, args: argparse.Namespace, dev
 
     result: dict[str, Any] = {"rows": rows, "cols": cols, "alpha": alpha, "dtype": args.dtype, "tolerance": tol}
 
+    y = torch.empty_like(x)
+    result["floor"] = {"what": "y.copy_(x)", "ms": timer(lambda: y.copy_(x))}
+    result["floor"]["gbps"] = _gbps(rows, cols, elem, result["floor"]["ms"])
     result["softmax"] = {"ms": timer(lambda: torch.softmax(x, dim=-1))}
     result["softmax"]["gbps"] = _gbps(rows, cols, elem, result["softmax"]["ms"])
 
     default = measure({})
     result["ours_default"] = default
 
-    configs = (_smoke_configs if args.cpu_smoke else _sweep_configs)(spec, rows, cols, args.sweep)
+    size = args.sweep
+    if args.sweep_alpha and alpha not in [float(a) for a in args.sweep_alpha.split(",")]:
+        size = "none"
+    configs = (_smoke_configs if args.cpu_smoke else _sweep_configs)(spec, rows, cols, size)
     sweep = [measure(values) for values in configs]
     result["sweep"] = sweep
     best = min([default] + sweep, key=_ms_key)
     result["ours_best"] = best
 
-    niters = SMOKE_NITER_SWEEP if args.cpu_smoke else NITER_SWEEP
-    base = {k: v for k, v in best["config"].items() if k != "niter"}
-    result["niter_sweep"] = [measure({**base, "niter": n}) for n in niters]
-    passing = [r for r in result["niter_sweep"] + [best] if r.get("ok")]
+    knobs = SMOKE_KNOB_SWEEPS if args.cpu_smoke else KNOB_SWEEPS
+    defaults = spec.default().as_dict()
+    base = {k: v for k, v in best["config"].items() if k not in knobs}
+    result["knob_sweep"] = [{"knob": knob, "value": value, **measure({**base, knob: value})}
+                            for knob, values in knobs.items() for value in values if value != defaults[knob]]
+    passing = [r for r in result["knob_sweep"] + [best] if r.get("ok")]
     result["ours_best_gated"] = min(passing, key=_ms_key) if passing else None
 
     if args.backward:
@@ -228,18 +250,32 @@ def _fmt_ms(row: dict[str, Any] | None) -> str:
     return f"{row['ms']:.4f}" + (f" ({err:.0e})" if err is not None else "")
 
 
+_SHOWN = ("block_n", "rows", "num_warps", "num_stages", "niter", "tau_tol", "tau_init")
+
+
+def _cfg_txt(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={config[k]}" for k in _SHOWN if k in config)
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
-    head = ("case", "alpha", "softmax ms", "ours default ms (err)", "ours best ms (err)",
-            "best gated ms (niter)", "upstream ms (err)")
+    """The summary (one line per case) and every measured config of each case."""
+    head = ("case", "alpha", "copy ms", "softmax ms", "ours default ms (err)", "ours best ms (err)",
+            "best gated ms (err)", "upstream ms (err)")
     lines = [" | ".join(head)]
     for r in results:
         gated = r.get("ours_best_gated")
-        gated_txt = f"{gated['ms']:.4f} ({gated['config']['niter']})" if gated else "none passes"
         lines.append(" | ".join((
-            f"{r['rows']}x{r['cols']}", f"{r['alpha']:g}", f"{r['softmax']['ms']:.4f}",
-            _fmt_ms(r["ours_default"]), _fmt_ms(r["ours_best"]), gated_txt,
+            f"{r['rows']}x{r['cols']}", f"{r['alpha']:g}", f"{r['floor']['ms']:.4f}", f"{r['softmax']['ms']:.4f}",
+            _fmt_ms(r["ours_default"]), _fmt_ms(r["ours_best"]), _fmt_ms(gated) if gated else "none passes",
             _fmt_ms(r["upstream"]) if "ms" in r["upstream"] else "skipped",
         )))
+    for r in results:
+        lines.append(f"\n{r['rows']}x{r['cols']} alpha={r['alpha']:g} {r['dtype']} (tolerance {r['tolerance']:g}):")
+        rows = [("default", r["ours_default"])] + [("sweep", row) for row in r["sweep"]]
+        rows += [(f"{row['knob']}", row) for row in r.get("knob_sweep", [])]
+        for tag, row in rows:
+            flag = "" if row.get("ok") else "  FAILS" if row.get("err") is not None else "  " + row.get("failed", "")
+            lines.append(f"  {tag:8s} {_fmt_ms(row):>18s}  {_cfg_txt(row['config'])}{flag}")
     return "\n".join(lines)
 
 
@@ -287,4 +323,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's package, uninstalled
     sys.exit(main())

@@ -1,16 +1,25 @@
 """Row-wise alpha-entmax in Triton: jit kernels -> launchers (explicit Config) -> autograd.Function.
 
 Forward, per row: z = (alpha - 1) x shifted by its max (so max z = 0), tau from the safeguarded
-Halley-bisection of f(tau) = sum [z - tau]_+^b - 1 (b = 1 / (alpha - 1)) started at tau = -1 inside
-the bracket [-1, -n^(1 - alpha)], then p = [z - tau]_+^b renormalised by its sum.
+Halley-bisection of f(tau) = sum [z - tau]_+^b - 1 (b = 1 / (alpha - 1)) inside the bracket
+[-1, -n^(1 - alpha)], then p = [z - tau]_+^b renormalised by its sum.
 Backward: with s = p^(2 - alpha) on the support, dx = s g - s sum(s g) / sum(s).
+
+The start (``tau_init``): "subset" takes the threshold of the row's chunk maxima (strided chunks
+that each lie in one thread, max taken in registers by the pass that finds the row max): tau is
+monotone in the set of scores, so the threshold of any subset is a lower bound of the row's; for a
+support of a few dozen scores it is within a few percent of the root. "lo" starts at -1.
+The iterations stop on the device once every valid row of the program moved by at most ``tau_tol``
+of its support width ``max z - tau = -tau`` (``niter`` caps them): randn rows of 8192 need one or two
+iterations from the subset start instead of three or four from -1.
 
 alpha = 1.5 and alpha = 2 are compile-time specialisations that use squares and support counts
 only; any other alpha uses log2/exp2. A row that fits one tile stays in registers across the
 iterations; a longer row is swept tile by tile in every iteration.
 
 Launch parameters come only from the :class:`Config` (``block_n``, ``rows``, ``num_warps``,
-``num_stages``, ``niter``); see :func:`launch_params` for how they map onto one launch.
+``num_stages``, ``niter``, ``tau_tol``, ``tau_init``); see :func:`launch_params` for how they map onto
+one launch.
 """
 
 from __future__ import annotations
@@ -23,13 +32,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .declarations.entmax import TAU_TOL_AUTO
 from .spec import Config, ConfigError
 
-__all__ = ["entmax_triton", "entmax_forward", "entmax_backward", "launch_params", "LaunchParams"]
+__all__ = ["entmax_triton", "entmax_forward", "entmax_backward", "launch_params", "LaunchParams", "resolve_tol"]
 
 _MODE_GENERIC, _MODE_15, _MODE_2 = 0, 1, 2
 _MIN_TILE = 16
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+#: Halley steps that solve the threshold of the chunk maxima (the "subset" start).
+_SUBSET_ITERS = tl.constexpr(4)
+#: Defaults for configs stored before a knob existed (older caches, hand-built Configs).
+_KNOB_DEFAULTS = {"tau_tol": "auto", "tau_init": "subset"}
 
 
 # --------------------------------------------------------------------------- jit kernels
@@ -126,6 +140,45 @@ def _halley_step(tau, lo, hi, s0, s1, s2, b, MODE: tl.constexpr):
 
 
 @triton.jit
+def _halley_go(tau, lo, hi, s0, s1, s2, b, row_ok, tol, MODE: tl.constexpr):
+    """:func:`_halley_step`, plus whether to go on: some valid row moved by more than ``tol`` of
+    its support width -tau (tau <= -n^(1-alpha) < 0). Padded rows never hold the loop; a
+    negative ``tol`` never stops it."""
+    new, lo, hi = _halley_step(tau, lo, hi, s0, s1, s2, b, MODE)
+    step = tl.where(row_ok, tl.abs(new - tau) / (-new), 0.0)
+    return new, lo, hi, tl.max(step, axis=0) > tol
+
+
+@triton.jit
+def _chunk_max(z, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """[ROWS, CHUNKS] maxima of a tile's strided column chunks (chunk c: the columns congruent to
+    c mod CHUNKS). CHUNKS is a multiple of the columns the program's threads cover in one sweep
+    of the tile's layout (at most 8 per thread x 32 x num_warps), so each chunk lies in one
+    thread: the max is taken in registers, the reshape moves no data and the maxima stay spread
+    over the threads (a few each, not replicated)."""
+    return tl.max(tl.reshape(z, (ROWS, BLOCK_N // CHUNKS, CHUNKS)), axis=1)
+
+
+@triton.jit
+def _start(vals, lo, hi, b, MODE: tl.constexpr, FUSED: tl.constexpr, FAST_LOG: tl.constexpr,
+           INIT: tl.constexpr):
+    """First tau: the threshold of the scores ``vals`` [ROWS, CHUNKS] (shifted like z; a subset
+    of the row, so a lower bound of its root) by a few Halley steps from -1, clamped into
+    [lo, hi]; or lo (INIT == 0)."""
+    if INIT == 1:
+        tau = lo
+        slo = lo
+        shi = hi
+        for _ in tl.static_range(_SUBSET_ITERS):
+            s0, s1, s2 = _row_sums(vals, tau, b, MODE, FUSED, FAST_LOG)
+            tau, slo, shi = _halley_step(tau, slo, shi, s0, s1, s2, b, MODE)
+        tau = tl.minimum(tl.maximum(tau, lo), hi)
+    else:
+        tau = lo
+    return tau
+
+
+@triton.jit
 def _probs(z, tau, b, MODE: tl.constexpr, FAST_LOG: tl.constexpr):
     """Unnormalised [z - tau]_+^b."""
     u = tl.maximum(z - tau[:, None], 0.0)
@@ -149,9 +202,9 @@ def _load_z(x_rows, cols, row_ok, n_cols, zmax, scale):
 
 @triton.jit
 def _entmax_fwd_kernel(
-    X, Y, n_rows, n_cols, stride_x, stride_y, scale, b, gap, niter,
+    X, Y, n_rows, n_cols, stride_x, stride_y, scale, b, gap, niter, tol,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr,
-    FUSED: tl.constexpr, FAST_LOG: tl.constexpr,
+    FUSED: tl.constexpr, FAST_LOG: tl.constexpr, INIT: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -159,38 +212,44 @@ def _entmax_fwd_kernel(
     y_rows = Y + rows.to(tl.int64) * stride_y
     cols = tl.arange(0, BLOCK_N)
     zero = tl.zeros([ROWS], dtype=tl.float32)
+    lo = zero - 1.0
+    hi = zero - gap
+    # at most niter Halley steps; once `go` is false the remaining iterations skip the body (a
+    # uniform branch; the same loop as `while` crashes Triton 3.6's layout pass)
+    go = tl.program_id(0) >= 0
     if SINGLE:
         z = _load_z(x_rows, cols, row_ok, n_cols, zero, scale)
-        z = z - tl.max(z, axis=1)[:, None]
-        lo = zero - 1.0
-        hi = zero - gap
-        tau = lo
+        cmax = _chunk_max(z, ROWS, BLOCK_N, CHUNKS)
+        zmax = tl.max(cmax, axis=1)
+        z = z - zmax[:, None]
+        tau = _start(cmax - zmax[:, None], lo, hi, b, MODE, FUSED, FAST_LOG, INIT)
         for _ in range(niter):
-            s0, s1, s2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
-            tau, lo, hi = _halley_step(tau, lo, hi, s0, s1, s2, b, MODE)
+            if go:
+                s0, s1, s2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
+                tau, lo, hi, go = _halley_go(tau, lo, hi, s0, s1, s2, b, row_ok, tol, MODE)
         p = _probs(z, tau, b, MODE, FAST_LOG)
         p = p * (1.0 / tl.sum(p, axis=1))[:, None]
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
         tl.store(y_rows[:, None] + cols[None, :], p.to(Y.dtype.element_ty), mask=mask)
     else:
-        zmax = zero + float("-inf")
+        cmax = tl.full([ROWS, CHUNKS], float("-inf"), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             z = _load_z(x_rows, start + cols, row_ok, n_cols, zero, scale)
-            zmax = tl.maximum(zmax, tl.max(z, axis=1))
-        lo = zero - 1.0
-        hi = zero - gap
-        tau = lo
+            cmax = tl.maximum(cmax, _chunk_max(z, ROWS, BLOCK_N, CHUNKS))
+        zmax = tl.max(cmax, axis=1)
+        tau = _start(cmax - zmax[:, None], lo, hi, b, MODE, FUSED, FAST_LOG, INIT)
         for _ in range(niter):
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            for start in range(0, n_cols, BLOCK_N):
-                z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
-                a0, a1, a2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
-                s0 += a0
-                s1 += a1
-                s2 += a2
-            tau, lo, hi = _halley_step(tau, lo, hi, s0, s1, s2, b, MODE)
+            if go:
+                s0 = zero
+                s1 = zero
+                s2 = zero
+                for start in range(0, n_cols, BLOCK_N):
+                    z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
+                    a0, a1, a2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
+                    s0 += a0
+                    s1 += a1
+                    s2 += a2
+                tau, lo, hi, go = _halley_go(tau, lo, hi, s0, s1, s2, b, row_ok, tol, MODE)
         total = zero
         for start in range(0, n_cols, BLOCK_N):
             z = _load_z(x_rows, start + cols, row_ok, n_cols, zmax, scale)
@@ -274,6 +333,30 @@ class LaunchParams:
     num_stages: int
     niter: int
     single: bool
+    tau_tol: float | str = "auto"
+    subset_start: bool = True
+
+    @property
+    def chunks(self) -> int:
+        """Chunk maxima per tile behind the subset start: the widest layout sweep of the tile
+        (8 columns per thread, 16-byte loads of 16-bit inputs), chunks of >= 2 columns."""
+        return max(1, min(8 * 32 * self.num_warps, self.block_n // 2))
+
+    def tol(self, dtype: torch.dtype, alpha: float) -> float:
+        """The early-exit step for ``dtype`` and ``alpha`` as the kernel takes it (-1: never stop early)."""
+        return resolve_tol(self.tau_tol, dtype, alpha)
+
+
+def resolve_tol(tau_tol: float | str, dtype: torch.dtype, alpha: float) -> float:
+    """``tau_tol`` as a number: "auto" picks :data:`TAU_TOL_AUTO` 's value for the dtype and alpha
+    class; 0 becomes -1 (the kernel then always runs ``niter`` iterations)."""
+    if tau_tol == "auto":
+        if dtype == torch.float32:
+            tau_tol = TAU_TOL_AUTO[("float32", "any")]
+        else:
+            tau_tol = TAU_TOL_AUTO[("16bit", "1.5" if alpha == 1.5 else "other")]
+    tol = float(tau_tol)
+    return tol if tol > 0.0 else -1.0
 
 
 def _mode(alpha: float) -> int:
@@ -312,9 +395,15 @@ def launch_params(config: Config, cols: int) -> LaunchParams:
         raise ConfigError(f"entmax/triton config lacks field {exc.args[0]!r}") from None
     if niter < 1:
         raise ConfigError(f"config field 'niter' must be >= 1, got {niter}")
+    tau_tol = config.get("tau_tol", _KNOB_DEFAULTS["tau_tol"])
+    if tau_tol != "auto" and (isinstance(tau_tol, bool) or not isinstance(tau_tol, (int, float)) or tau_tol < 0):
+        raise ConfigError(f"config field 'tau_tol' must be 'auto' or a number >= 0, got {tau_tol!r}")
+    tau_init = config.get("tau_init", _KNOB_DEFAULTS["tau_init"])
+    if tau_init not in ("subset", "lo"):
+        raise ConfigError(f"config field 'tau_init' must be 'subset' or 'lo', got {tau_init!r}")
     tile = min(block_n, max(_MIN_TILE, triton.next_power_of_2(max(cols, 1))))
     warps = max(1, min(num_warps, rows * tile // 32))
-    return LaunchParams(tile, rows, warps, num_stages, niter, tile >= cols)
+    return LaunchParams(tile, rows, warps, num_stages, niter, tile >= cols, tau_tol, tau_init == "subset")
 
 
 def _check_rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -342,9 +431,9 @@ def entmax_forward(x: torch.Tensor, alpha: float, config: Config) -> torch.Tenso
     grid = (triton.cdiv(n_rows, lp.rows),)
     _entmax_fwd_kernel[grid](
         x, y, n_rows, n_cols, x.stride(0), y.stride(0),
-        alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha), lp.niter,
+        alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha), lp.niter, lp.tol(x.dtype, alpha),
         ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
-        **_hardware_flags(x),
+        INIT=int(lp.subset_start), CHUNKS=lp.chunks, **_hardware_flags(x),
         num_warps=lp.num_warps, num_stages=lp.num_stages,
     )
     return y

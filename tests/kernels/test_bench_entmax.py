@@ -29,8 +29,12 @@ def test_bench_entmax_cpu_smoke(tmp_path):
     assert case["ours_default"]["ok"] and case["ours_default"]["err"] <= tol
     assert case["ours_default"]["config"]["niter"] == 10
     assert len(case["sweep"]) == 2 and all(r["err"] <= tol for r in case["sweep"])
-    by_niter = {r["config"]["niter"]: r for r in case["niter_sweep"]}
-    assert by_niter[10]["err"] <= tol < by_niter[2]["err"]  # 2 Newton steps are not enough here
+    # the accuracy knobs, one at a time on the best launch config (their defaults left out)
+    swept = {(r["knob"], r["value"]) for r in case["knob_sweep"]}
+    assert swept == {("niter", 2), ("tau_tol", 0.1), ("tau_tol", 0.0), ("tau_init", "lo")}
+    for r in case["knob_sweep"]:
+        assert r["config"][r["knob"]] == r["value"] and r["err"] <= tol
     assert case["ours_best_gated"]["err"] <= tol
-    assert case["softmax"]["ms"] > 0 and case["ours_best"]["ms"] > 0
+    assert case["softmax"]["ms"] > 0 and case["floor"]["ms"] > 0 and case["ours_best"]["ms"] > 0
+    assert "tau_tol=0.0 tau_init=subset" in proc.stdout  # the per-config listing
     assert "skipped" in case["upstream"]

@@ -85,14 +85,16 @@ def test_dim_not_last(backend_device, alpha):
 def test_niter_override(backend_device):
     """niter takes precedence over the config; too few iterations are visibly inaccurate."""
     backend, device = backend_device
-    # small-scale scores over 255 columns: a dense output, the slowest case for tau
+    # small-scale scores over 255 columns: a dense output, the slowest case for tau; the triton
+    # kernel starts at max - 1 here (its subset start is already close after one iteration)
+    base = {"tau_init": "lo"} if backend == "triton" else {}
     x = _input((2, 255), torch.float32, device, seed=12, scale=0.3)
     ref = entmax_reference(x.cpu().double(), 2.0)
-    rough = adasplash_tune.entmax(x, 2.0, niter=1, backend=backend)
-    fine = adasplash_tune.entmax(x, 2.0, niter=40, backend=backend)  # beyond the declared choices
+    rough = adasplash_tune.entmax(x, 2.0, niter=1, backend=backend, config=base)
+    fine = adasplash_tune.entmax(x, 2.0, niter=40, backend=backend, config=base)  # beyond the declared choices
     assert relative_error(rough.cpu(), ref) > 1e-2
     assert relative_error(fine.cpu(), ref) <= tolerance(torch.float32)
-    explicit = adasplash_tune.entmax(x, 2.0, backend=backend, config={"niter": 1})
+    explicit = adasplash_tune.entmax(x, 2.0, backend=backend, config={**base, "niter": 1})
     assert torch.equal(explicit, rough)
 
 
@@ -133,6 +135,8 @@ def test_launch_params_derive_from_config():
     assert (lp.block_n, lp.rows, lp.num_warps, lp.single) == (64, 4, 4, False)
     lp = launch_params(spec.default(), 8192)
     assert (lp.block_n, lp.num_warps, lp.single, lp.niter) == (8192, 8, True, 10)
+    assert (lp.tau_tol, lp.subset_start, lp.chunks) == ("auto", True, 2048)  # chunks of 4 columns
+    assert launch_params(spec.validate({"block_n": 64, "rows": 4, "num_warps": 4}), 255).chunks == 32
     assert launch_params(spec.default(), 1).block_n == 16
 
 
@@ -187,3 +191,147 @@ def test_gpu_larger_shapes(alpha, dtype, shape, config):
     grad = _input(shape, dtype, "cuda", seed=shape[1] + 1, scale=1.0)
     out = adasplash_tune.entmax(x, alpha, backend="triton", config=config)
     _check(out, x, grad, alpha)
+
+
+# --------------------------------------------------------------------------- early exit, start
+
+
+def _forward_error(out: torch.Tensor, x: torch.Tensor, alpha: float) -> float:
+    return relative_error(out.cpu(), entmax_reference(x.cpu().double(), alpha))
+
+
+#: (rows, cols, config): the single-tile path (odd columns, 2 rows per program over 5 rows: the
+#: last program holds one padded row) and the tiled path (64-column tiles, 4 rows per program).
+EXIT_CASES = [
+    (5, 37, {"rows": 2, "num_warps": 1}),
+    (3, 255, {}),
+    (5, 200, {"block_n": 64, "rows": 4, "num_warps": 2}),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("alpha", (1.5, 2.0, 1.3))
+@pytest.mark.parametrize("init", ("subset", "lo"))
+def test_early_exit_matches_oracle(triton_device, dtype, alpha, init):
+    """The default tau_tol ("auto") passes the forward gate in every dtype, from either start,
+    on both paths, and for scores from flat (scale 0.25, large support) to peaked (scale 8)."""
+    spec = get_spec("entmax", "triton")
+    for i, (rows, cols, values) in enumerate(EXIT_CASES):
+        cfg = spec.validate({**values, "tau_init": init})
+        for scale in (0.25, 2.0, 8.0):
+            x = _input((rows, cols), dtype, triton_device, seed=100 * i + int(4 * scale), scale=scale)
+            err = _forward_error(entmax_triton(x, alpha, cfg), x, alpha)
+            assert err <= tolerance(dtype), f"{cols} cols, scale {scale}: error {err:.2e}"
+
+
+def _degenerate_rows(cols: int) -> torch.Tensor:
+    """All equal (zeros, then a constant), one-hot, two-hot, and a very peaked row (randn x 100)."""
+    gen = torch.Generator().manual_seed(cols)
+    rows = torch.zeros(6, cols)
+    rows[1] = 3.0
+    rows[2, cols // 2] = 10.0
+    rows[3, 0] = rows[3, -1] = 10.0
+    rows[4] = 100.0 * torch.randn(cols, generator=gen)
+    rows[5] = torch.linspace(-1.0, 1.0, cols)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("alpha", (1.5, 2.0, 1.3))
+def test_degenerate_rows(triton_device, dtype, alpha):
+    """Rows whose tau sits on a bracket end (all equal: hi; one-hot: lo, f = 0 there) or that
+    stop at once share programs with rows that go on; none spoils the other."""
+    spec = get_spec("entmax", "triton")
+    for cols, values in ((37, {"rows": 2, "num_warps": 1}), (100, {"block_n": 64, "rows": 4, "num_warps": 2})):
+        x = _degenerate_rows(cols).to(device=triton_device, dtype=dtype)
+        out = entmax_triton(x, alpha, spec.validate(values))
+        assert torch.isfinite(out).all()
+        ref = entmax_reference(x.cpu().double(), alpha)
+        for r in range(x.shape[0]):
+            err = relative_error(out[r].cpu(), ref[r])
+            assert err <= tolerance(dtype), f"row {r} ({cols} cols): error {err:.2e}"
+        assert torch.allclose(out[0].float(), torch.full((cols,), 1.0 / cols, device=out.device), rtol=1e-2)
+        assert out[2, cols // 2] == 1 and out[2].sum() == 1
+
+
+#: Forward error allowed on flat float32 rows per tau_tol: from 0.01 down the float32 gate, 0.03
+#: the 16-bit gate; 0.3 and 0.1 are rough (0.1 is the 16-bit default of alpha = 1.5 only).
+TOL_BOUNDS = {0.3: 0.1, 0.1: 0.05, 0.03: 1e-2, 0.01: 1e-4, 0.003: 1e-4, 0.001: 1e-4, 0.0: 1e-4}
+
+
+@pytest.mark.parametrize("tol", sorted(TOL_BOUNDS))
+def test_tau_tol_choices(triton_device, tol):
+    """Every declared tau_tol runs on both paths, within its bound on flat rows (scale 0.25: a
+    support of most of the row, the slowest case)."""
+    spec = get_spec("entmax", "triton")
+    assert set(spec.param("tau_tol").choices) == set(TOL_BOUNDS) | {"auto"}
+    x = _input((3, 255), torch.float32, triton_device, seed=21, scale=0.25)
+    for alpha in (1.5, 2.0, 1.3):
+        for values in ({}, {"block_n": 64, "rows": 2, "num_warps": 2}):
+            out = entmax_triton(x, alpha, spec.validate({**values, "tau_tol": tol}))
+            assert torch.allclose(out.sum(-1), torch.ones(3, device=out.device), atol=1e-5)
+            err = _forward_error(out, x, alpha)
+            assert err <= TOL_BOUNDS[tol], f"alpha {alpha} {values}: error {err:.2e}"
+
+
+def test_early_exit_stops_early_and_tol_zero_runs_niter(triton_device):
+    """With a loose step the result equals a run capped at few iterations (it stopped there);
+    tau_tol = 0 runs all niter iterations: niter = 1 and 3 then differ."""
+    spec = get_spec("entmax", "triton")
+    x = _input((2, 255), torch.float32, triton_device, seed=22, scale=0.3)
+    for alpha in (1.5, 2.0, 1.3):
+        loose = entmax_triton(x, alpha, spec.validate({"tau_tol": 0.3, "niter": 30, "tau_init": "lo"}))
+        capped = [entmax_triton(x, alpha, spec.validate({"tau_tol": 0.3, "niter": n, "tau_init": "lo"}))
+                  for n in (1, 2, 3, 4, 5, 6)]
+        assert any(torch.equal(loose, c) for c in capped), f"alpha {alpha}: no early stop within 6 iterations"
+        one = entmax_triton(x, alpha, spec.validate({"tau_tol": 0.0, "niter": 1, "tau_init": "lo"}))
+        three = entmax_triton(x, alpha, spec.validate({"tau_tol": 0.0, "niter": 3, "tau_init": "lo"}))
+        assert not torch.equal(one, three)
+
+
+@pytest.mark.parametrize("values", ({"rows": 4, "num_warps": 1}, {"block_n": 64, "rows": 4, "num_warps": 2}))
+def test_padded_rows_do_not_hold_the_exit(triton_device, values):
+    """A program with one valid row and three padded ones (zeros: an all-equal row, slow to
+    converge) stops when the valid row does: its output is the one-row-per-program output."""
+    spec = get_spec("entmax", "triton")
+    x = _input((5, 100), torch.float32, triton_device, seed=23, scale=2.0)
+    for alpha in (1.5, 2.0, 1.3):
+        common = {"tau_tol": 0.3, "tau_init": "lo"}
+        many = entmax_triton(x, alpha, spec.validate({**values, **common}))
+        alone = entmax_triton(x[4:], alpha, spec.validate({**values, **common, "rows": 1}))
+        assert torch.equal(many[4:], alone)
+
+
+def test_subset_start_needs_fewer_iterations(triton_device):
+    """The chunk-maxima start is close: one capped iteration from it beats three from max - 1."""
+    spec = get_spec("entmax", "triton")
+    x = _input((4, 255), torch.float32, triton_device, seed=24, scale=0.5)
+    for alpha in (1.5, 2.0, 1.3):
+        sub = entmax_triton(x, alpha, spec.validate({"tau_init": "subset", "niter": 1, "tau_tol": 0.0}))
+        lo = entmax_triton(x, alpha, spec.validate({"tau_init": "lo", "niter": 3, "tau_tol": 0.0}))
+        assert _forward_error(sub, x, alpha) < _forward_error(lo, x, alpha)
+
+
+def test_accuracy_knobs_declared_and_old_configs_load():
+    """tau_tol and tau_init are accuracy knobs with defaults; a stored config from before they
+    existed validates with them filled in, and a Config built without them still launches."""
+    from adasplash_tune.kernels.entmax import resolve_tol
+    from adasplash_tune.kernels.spec import Config
+
+    spec = get_spec("entmax", "triton")
+    assert spec.param("tau_tol").accuracy and spec.param("tau_init").accuracy
+    assert spec.param("tau_tol").default == "auto" and spec.param("tau_init").default == "subset"
+    old = {"block_n": 4096, "niter": 3, "num_stages": 3, "num_warps": 2, "rows": 1}  # a shipped entry
+    cfg = spec.validate(old)
+    assert cfg["tau_tol"] == "auto" and cfg["tau_init"] == "subset" and cfg["niter"] == 3
+    bare = Config("entmax", "triton", tuple(sorted(old.items())))
+    lp = launch_params(bare, 8192)
+    assert (lp.tau_tol, lp.subset_start, lp.niter) == ("auto", True, 3)
+    assert resolve_tol("auto", torch.float32, 1.5) == 0.003
+    assert resolve_tol("auto", torch.bfloat16, 1.5) == 0.1
+    assert resolve_tol("auto", torch.float16, 2.0) == 0.03
+    assert resolve_tol(0.0, torch.float32, 1.5) < 0
+    with pytest.raises(ConfigError, match="tau_tol"):
+        spec.validate({"tau_tol": 0.5})
+    with pytest.raises(ConfigError, match="tau_init"):
+        launch_params(Config("entmax", "triton", tuple(sorted({**old, "tau_init": "mid"}.items()))), 100)

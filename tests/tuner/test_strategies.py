@@ -19,10 +19,11 @@ CENTRE = {"block_n": 1024, "rows": 2, "num_warps": 4, "num_stages": 2}
 
 
 def _space():
-    """72 valid points of the entmax Triton declaration (one niter: accuracy is not at stake here)."""
+    """72 valid points of the entmax Triton declaration (one value per accuracy knob: accuracy is
+    not at stake here)."""
     return build_space("entmax", "triton", target="cuda").restrict(
         {"block_n": (256, 512, 1024, 2048), "rows": (1, 2, 4), "num_warps": (2, 4, 8),
-         "num_stages": (1, 2), "niter": (10,)})
+         "num_stages": (1, 2), "niter": (10,), "tau_tol": ("auto",), "tau_init": ("subset",)})
 
 
 def _run(name: str, budget: int, table, seed: int = 7, storage=None):
