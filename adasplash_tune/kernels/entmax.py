@@ -24,6 +24,7 @@ one launch.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .declarations.entmax import TAU_TOL_AUTO
+from .launch import Launch
 from .spec import Config, ConfigError
 
 __all__ = ["entmax_triton", "entmax_forward", "entmax_backward", "launch_params", "LaunchParams", "resolve_tol"]
@@ -367,16 +369,43 @@ def _mode(alpha: float) -> int:
     return _MODE_GENERIC
 
 
-def _hardware_flags(t: torch.Tensor) -> dict[str, bool]:
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _hardware_flags(is_cuda: bool, interpreted: bool) -> dict[str, bool]:
     """Compile-time switches that differ between real hardware and the interpreter.
 
     FUSED: one tuple reduction for several row sums (the interpreter runs a custom combine
     function element by element, so it gets plain tl.sum). FAST_LOG: lg2.approx on NVIDIA GPUs
     (tl.log2 compiles to a polynomial); the interpreter and ROCm use tl.log2.
     """
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    nvidia = t.is_cuda and torch.version.hip is None
+    nvidia = is_cuda and torch.version.hip is None
     return {"FUSED": not interpreted, "FAST_LOG": nvidia and not interpreted}
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_launch(config: Config, n_rows: int, n_cols: int, stride_x: int, stride_y: int, alpha: float,
+                    dtype: torch.dtype, is_cuda: bool, interpreted: bool) -> Launch:
+    """The forward kernel's launch for one problem and config, planned once (kernels/launch.py)."""
+    lp = launch_params(config, n_cols)
+    scalars = (n_rows, n_cols, stride_x, stride_y, alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha),
+               lp.niter, lp.tol(dtype, alpha))
+    meta = dict(ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
+                INIT=int(lp.subset_start), CHUNKS=lp.chunks, **_hardware_flags(is_cuda, interpreted),
+                num_warps=lp.num_warps, num_stages=lp.num_stages)
+    return Launch(_entmax_fwd_kernel, (triton.cdiv(n_rows, lp.rows),), scalars, meta)
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_launch(config: Config, n_rows: int, n_cols: int, stride_p: int, stride_g: int, stride_dx: int,
+                     alpha: float, is_cuda: bool, interpreted: bool) -> Launch:
+    """The backward kernel's launch for one problem and config, planned once."""
+    lp = launch_params(config, n_cols)
+    meta = dict(ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
+                **_hardware_flags(is_cuda, interpreted), num_warps=lp.num_warps, num_stages=lp.num_stages)
+    return Launch(_entmax_bwd_kernel, (triton.cdiv(n_rows, lp.rows),),
+                  (n_rows, n_cols, stride_p, stride_g, stride_dx, 2.0 - alpha), meta)
 
 
 def launch_params(config: Config, cols: int) -> LaunchParams:
@@ -426,16 +455,8 @@ def entmax_forward(x: torch.Tensor, alpha: float, config: Config) -> torch.Tenso
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y
-    lp = launch_params(config, n_cols)
-    alpha = float(alpha)
-    grid = (triton.cdiv(n_rows, lp.rows),)
-    _entmax_fwd_kernel[grid](
-        x, y, n_rows, n_cols, x.stride(0), y.stride(0),
-        alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha), lp.niter, lp.tol(x.dtype, alpha),
-        ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
-        INIT=int(lp.subset_start), CHUNKS=lp.chunks, **_hardware_flags(x),
-        num_warps=lp.num_warps, num_stages=lp.num_stages,
-    )
+    _forward_launch(config, n_rows, n_cols, x.stride(0), y.stride(0), float(alpha), x.dtype, x.is_cuda,
+                    _interpreted())(x, y)
     return y
 
 
@@ -449,15 +470,8 @@ def entmax_backward(p: torch.Tensor, grad: torch.Tensor, alpha: float, config: C
     dx = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     if p.numel() == 0:
         return dx
-    lp = launch_params(config, n_cols)
-    alpha = float(alpha)
-    grid = (triton.cdiv(n_rows, lp.rows),)
-    _entmax_bwd_kernel[grid](
-        p, grad, dx, n_rows, n_cols, p.stride(0), grad.stride(0), dx.stride(0), 2.0 - alpha,
-        ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
-        **_hardware_flags(p),
-        num_warps=lp.num_warps, num_stages=lp.num_stages,
-    )
+    _backward_launch(config, n_rows, n_cols, p.stride(0), grad.stride(0), dx.stride(0), float(alpha), p.is_cuda,
+                     _interpreted())(p, grad, dx)
     return dx
 
 

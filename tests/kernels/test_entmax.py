@@ -113,11 +113,23 @@ def test_torch_backend_keeps_fp64():
     assert relative_error(out, entmax_reference(x, 1.5)) <= tolerance(torch.float64)
 
 
+@pytest.fixture
+def fresh_plans():
+    """Launches are planned once per problem: plan this test's with its flags, and forget them."""
+    planned = (triton_entmax_module._forward_launch, triton_entmax_module._backward_launch)
+    for fn in planned:
+        fn.cache_clear()
+    yield
+    for fn in planned:
+        fn.cache_clear()
+
+
 @pytest.mark.parametrize("alpha", (1.5, 1.3))
-def test_triton_fused_reduction_path(triton_device, monkeypatch, alpha):
+def test_triton_fused_reduction_path(triton_device, monkeypatch, alpha, fresh_plans):
     """The tuple reductions used on GPUs (the interpreter normally takes plain tl.sum)."""
     if triton_device == "cpu":
-        monkeypatch.setattr(triton_entmax_module, "_hardware_flags", lambda t: {"FUSED": True, "FAST_LOG": False})
+        monkeypatch.setattr(triton_entmax_module, "_hardware_flags",
+                            lambda is_cuda, interpreted: {"FUSED": True, "FAST_LOG": False})
     spec = get_spec("entmax", "triton")
     for cols, config in ((7, {"rows": 2}), (70, {"block_n": 64, "num_warps": 1})):
         x = _input((3, cols), torch.float32, triton_device, seed=cols).requires_grad_()
