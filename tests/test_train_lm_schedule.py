@@ -4,33 +4,16 @@ combinations of the options are refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from adasplash_tune.kernels.reference import attention_reference, relative_error, tolerance
+from tests.test_train_lm import TINY, train_lm  # the example module, loaded once, and its tiny run
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-train_lm = _load("train_lm")
-
-TINY = ["--device", "cpu", "--layers", "2", "--width", "64", "--heads", "4", "--seq-len", "64",
-        "--batch", "8", "--steps", "30", "--max-bytes", "200000", "--eval-every", "10", "--log-every", "5",
-        "--eval-windows", "8", "--time-budget", "0", "--seed", "0"]
 SCHEDULE = ["--attention", "adasplash", "--alpha", "1.5", "--alpha-start", "1.25", "--alpha-warmup", "20"]
 
 
