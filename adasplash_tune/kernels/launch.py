@@ -69,8 +69,7 @@ class Launch:
             self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
 
     def __repr__(self) -> str:
-        name = getattr(self.fn, "__name__", None) or getattr(getattr(self.fn, "fn", None), "__name__", "?")
-        return f"Launch({name}, grid={self.grid})"
+        return f"Launch({getattr(self.fn, '__name__', self.fn)!s}, grid={self.grid})"
 
 
 def _direct_entry(fn: Any, kernel: Any, n_tensors: int, scalars: tuple, meta: dict[str, Any]) -> tuple | None:

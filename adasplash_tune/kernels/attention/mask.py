@@ -166,15 +166,19 @@ def tile_lists(
     allocation when None).
     """
     run = list_launch(geo, is_causal, varlen is not None, mask_tile, block, transposed)
-    n_own, n_cand = run.scalars[2], run.scalars[3]
-    size, n_count = geo.rows * n_own * n_cand, geo.rows * n_own * 2
     if buffer is None:
-        buffer = torch.empty(size + n_count, dtype=torch.int32, device=mask.device)
-    index = buffer[:size].view(geo.rows, n_own, n_cand)
-    count = buffer[size:size + n_count].view(geo.rows, n_own, 2)
-    lens = varlen if varlen is not None else count
-    run(mask, index, count, lens)
-    return TileLists(index, count, n_own, n_cand)
+        buffer = torch.empty(list_size(geo, block, transposed=transposed), dtype=torch.int32, device=mask.device)
+    lists = _lists_in(buffer, geo.rows, run.scalars[2], run.scalars[3])  # scalars: tm, tn, n_own, n_cand, ...
+    run(mask, lists.index, lists.count, varlen if varlen is not None else lists.count)
+    return lists
+
+
+def _lists_in(buffer: torch.Tensor, rows: int, n_own: int, n_cand: int) -> TileLists:
+    """One tiling's lists as views of ``buffer`` (at least its :func:`list_size` entries): the
+    index lists, then the per-tile counts."""
+    size = rows * n_own * n_cand
+    return TileLists(buffer[:size].view(rows, n_own, n_cand),
+                     buffer[size:size + rows * n_own * 2].view(rows, n_own, 2), n_own, n_cand)
 
 
 @functools.lru_cache(maxsize=512)
@@ -211,11 +215,7 @@ def tile_list_pair(
         buffer = torch.empty(q_size + list_size(geo, kv_block, transposed=True), dtype=torch.int32,
                              device=mask.device)
     s = run.scalars  # TM, TN, seq_len, H, then per tiling: n_own, n_cand, own_block, cand_block
-    lists = []
-    for (n_own, n_cand), part in (((s[4], s[5]), buffer[:q_size]), ((s[8], s[9]), buffer[q_size:])):
-        size = geo.rows * n_own * n_cand
-        lists.append(TileLists(part[:size].view(geo.rows, n_own, n_cand),
-                               part[size:size + geo.rows * n_own * 2].view(geo.rows, n_own, 2), n_own, n_cand))
-    lq, lk = lists
+    lq = _lists_in(buffer[:q_size], geo.rows, s[4], s[5])
+    lk = _lists_in(buffer[q_size:], geo.rows, s[8], s[9])
     run(mask, lq.index, lq.count, lk.index, lk.count, varlen if varlen is not None else lq.count)
     return lq, lk
