@@ -7,10 +7,12 @@
 #   bash benchmarks/train_lm_h200.sh variants OUT  # alpha = 1.5 with scores x 2, alpha = 1.25 (two runs at once)
 #   bash benchmarks/train_lm_h200.sh schedule OUT  # alpha = 1.5 warmed up from 1.25 and from 1.1 over 2500 steps
 #                                                  # (two runs at once; validation at the alpha in force)
+#   bash benchmarks/train_lm_h200.sh learned-init OUT  # learned alpha per head and per layer, both started
+#                                                  # at 1.1 (near softmax) instead of 1.5 (two runs at once)
 # Each run writes OUT/NAME/{config.json,metrics.jsonl,summary.json} and OUT/NAME.log;
 # examples/plot_train_lm.py then compares the run folders (it needs matplotlib for the PNG).
 set -euo pipefail
-part=${1:?n2048, learned, backends, n8192, variants or schedule}
+part=${1:?n2048, learned, backends, n8192, variants, schedule or learned-init}
 out=${2:?output folder}
 mkdir -p "$out"
 run() {  # NAME ARGS...: one training run, its log kept whole, its tail shown
@@ -50,6 +52,12 @@ case "$part" in
   schedule)  # both on the GPU at once, as variants; alpha reaches 1.5 at step 2500 and stays for the rest
     run alpha1.5-from1.25 --attention adasplash --alpha 1.5 --alpha-start 1.25 --alpha-warmup 2500 --time-budget 0 &
     run alpha1.5-from1.1 --attention adasplash --alpha 1.5 --alpha-start 1.1 --alpha-warmup 2500 --time-budget 0 &
+    wait
+    ;;
+  learned-init)  # both on the GPU at once, as variants; all 5000 steps (no time budget)
+    run alpha-learned-from1.1 --attention adasplash --alpha learned --alpha-init 1.1 --time-budget 0 &
+    run alpha-learned-layer-from1.1 --attention adasplash --alpha learned --alpha-per layer --alpha-init 1.1 \
+      --time-budget 0 &
     wait
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
