@@ -636,7 +636,7 @@ def run_name(args: argparse.Namespace) -> str:
     if args.attention == "sdpa":
         kind = "softmax (sdpa)"
     elif args.alpha == "learned":
-        kind = f"entmax, learned alpha per {args.alpha_per}"
+        kind = f"entmax, learned alpha per {args.alpha_per}, from {args.alpha_init:g}"
     elif args.alpha_start is not None:
         kind = f"entmax, alpha={args.alpha_start:g}->{float(args.alpha):g} over {args.alpha_warmup} steps"
     else:
