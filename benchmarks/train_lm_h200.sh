@@ -31,7 +31,7 @@ case "$part" in
     ;;
   learned)
     # one attention call per head (24 per step): 5000 steps need ~300 s; the 2026-12-02 run had 240 s
-    run alpha-learned --attention adasplash --alpha learned --time-budget 330 --capture "$out/capture-alpha-learned"
+    run alpha-learned --attention adasplash --alpha learned --alpha-init 1.5 --time-budget 330 --capture "$out/capture-alpha-learned"
     ;;
   backends)
     small=(--seq-len 512 --batch 8 --steps 300 --time-budget 100 --eval-every 50)
@@ -42,7 +42,7 @@ case "$part" in
     n8k=(--seq-len 8192 --batch 2 --steps 12 --time-budget 240)
     run n8192-sdpa --attention sdpa "${n8k[@]}"
     run n8192-alpha1.5 --attention adasplash --alpha 1.5 "${n8k[@]}"
-    run n8192-alpha-learned --attention adasplash --alpha learned "${n8k[@]}"
+    run n8192-alpha-learned --attention adasplash --alpha learned --alpha-init 1.5 "${n8k[@]}"
     ;;
   variants)  # both on the GPU at once: their losses are as alone, their step times are not
     run alpha1.5-scale2 --attention adasplash --alpha 1.5 --score-scale 2 --time-budget 0 &
