@@ -151,23 +151,30 @@ def sparse_forward(
     need_o2: bool = False,
     inv_l_out: torch.Tensor | None = None,
     geo: Geometry | None = None,
+    out: torch.Tensor | None = None,
+    o2_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(out (B, Hq, N, D) in q's dtype, 1 / sum p (B*Hq, N) float32 or None, O2 in q's shape and
     dtype or None).
 
     q, k, v contiguous; ``lists`` built for (fwd_block_m, fwd_block_n) query-major tiles;
     ``inv_l_out``: where to write 1 / sum p (contiguous float32 (B*Hq, N)), allocated when None.
+    ``out`` / ``o2_out``: where to write the output / O2 (contiguous, q's shape and dtype),
+    allocated when None (a row-chunked caller passes slices of its full buffers).
     ``geo``: ``Geometry.of(q, k)`` when the caller has it."""
     geo = Geometry.of(q, k) if geo is None else geo
     run = forward_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, need_stats, need_o2)
     if (lists.n_own, lists.n_cand) != run.scalars[3:5]:
         raise ValueError(f"lists of {lists.n_own} x {lists.n_cand} tiles do not match the forward tiles "
                          f"{config['fwd_block_m']} x {config['fwd_block_n']} of the config")
-    out = alloc(q.shape, q.dtype, q.device)
+    if out is None:
+        out = alloc(q.shape, q.dtype, q.device)
     inv_l = None
     if need_stats:
         inv_l = alloc((geo.rows, geo.seq_len), torch.float32, q.device) if inv_l_out is None else inv_l_out
-    o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
+    o2 = None
+    if need_o2:
+        o2 = alloc(q.shape, q.dtype, q.device) if o2_out is None else o2_out
     lens = varlen if varlen is not None else tau
     run(q, k, v, tau, out, inv_l if need_stats else tau, o2 if need_o2 else out, lists.index, lists.count, lens)
     return out, inv_l, o2
