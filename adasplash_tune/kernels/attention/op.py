@@ -103,19 +103,23 @@ def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tens
 def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     """(out, stats (2, B*Hq, N) = (tau, 1 / sum p) or None, mask, O2 or None). The tau sweeps'
     scratch and the forward's tile lists share one buffer; the tau kernel writes every entry of
-    the block mask."""
+    the block mask. Without ``need_stats`` only tau is kept (no 1 / sum p)."""
     geo = Geometry.of(q, k)
     shape, scratch_size = _forward_buffers(geo, config)
     mask = torch.empty(shape, dtype=torch.int8, device=q.device)
-    stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
     scratch = torch.empty(scratch_size, dtype=torch.int32, device=q.device)
-    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=stats[0], geo=geo)
+    if need_stats:
+        stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
+        tau_out, inv_l_out = stats[0], stats[1]
+    else:  # tau alone (solve_tau allocates it); the forward writes no 1 / sum p
+        stats = tau_out = inv_l_out = None
+    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=tau_out, geo=geo)
     lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
                        (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
     need_o2 = need_stats and config["bwd_mode"] == "fused"
     out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
-                                need_stats=need_stats, need_o2=need_o2, inv_l_out=stats[1], geo=geo)
-    return out, (stats if need_stats else None), mask, o2
+                                need_stats=need_stats, need_o2=need_o2, inv_l_out=inv_l_out, geo=geo)
+    return out, stats, mask, o2
 
 
 def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causal, config,
