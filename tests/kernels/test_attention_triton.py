@@ -221,6 +221,26 @@ def test_sparse_sweeps_skip_tiles_and_stay_exact(init, triton_device):
     assert 0 < op.block_density(mask, n, (16, 16), False) < 0.5
 
 
+@pytest.mark.parametrize("name", ["mixed", "subset"])
+def test_block_mask_ignores_the_buffers_prior_content(name, triton_device):
+    """The tau kernel writes every mask entry from what it computed, never from what the buffer
+    held: sweep tiles wider than the dense pass's tiles (MIXED: 64 vs 32 keys) reach chunks the
+    dense pass never coded, past a causal block's last key."""
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.tau import solve_tau
+
+    q, k, _, alpha, causal, varlen = _inputs((2, 2, 1, 37, 16, 1.5, True, (37, 20)), torch.float32, triton_device)
+    q, k = q.detach(), k.detach()
+    cfg = TRITON.validate(CONFIGS[name])
+    geo = Geometry.of(q, k)
+    runs = []
+    for fill in (127, -127):
+        mask = op._new_mask(geo, cfg, q.device).fill_(fill)
+        runs.append((solve_tau(q, k, varlen, alpha, 0.2, causal, cfg, mask), mask))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("causal,lens", [(False, None), (True, None), (True, (70, 0)), (False, (129, 33))])
 def test_list_pair_matches_one_tiling_at_a_time(causal, lens, triton_device):
     """The backward's two tilings from one launch are exactly the lists of two separate launches

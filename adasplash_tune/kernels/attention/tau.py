@@ -155,11 +155,13 @@ def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, of
 
 
 @triton.jit
-def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, shift, rebase,
+def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, n_coded, shift, rebase,
                 BM: tl.constexpr, MM: tl.constexpr, NCM: tl.constexpr, REBASE: tl.constexpr):
     """Write the tiles of [0, n_tiles) that hold a chunk with decode(code) + shift[group] > 0 to
     LST (ascending); with REBASE, first replace every code by its decode plus ``rebase[group]``.
-    Returns the number of tiles listed."""
+    Chunk columns from ``n_coded`` on hold no code yet (sweep tiles wider than the dense pass's
+    reach past its last tile; those chunks hold no valid key): they read as the lowest code, not
+    as whatever the buffer held. Returns the number of tiles listed."""
     G: tl.constexpr = BM // MM
     CH: tl.constexpr = _LIST_CHUNK * NCM
     total = n_tiles * 0
@@ -169,7 +171,7 @@ def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, shift, rebase,
         ccols = c0 + cc0
         ptrs = MASK + mask_base + grows[:, None] * TN + ccols[None, :]
         inb = (grows[:, None] < TM) & (ccols[None, :] < n_tiles * NCM) & (ccols[None, :] < TN)
-        bound = _decode(tl.load(ptrs, mask=inb, other=-127))
+        bound = _decode(tl.load(ptrs, mask=inb & (ccols[None, :] < n_coded), other=-127))
         if REBASE:
             bound = bound + rebase[:, None]
             tl.store(ptrs, _encode(bound), mask=inb)
@@ -357,7 +359,8 @@ def _tau_kernel(
     if CODES:
         rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
         zero_g = tl.zeros_like(rebase)
-        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, zero_g, rebase, BM, MM, BNS // MN, True)
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, j_stop * (BN // MN), zero_g, rebase,
+                             BM, MM, BNS // MN, True)
         n_lead = _count_below(lst, n_list, js_full)
     else:  # a second dense pass: every tile, each chunk's code made exact
         n_list = _list_all(lst, js_stop)
@@ -379,7 +382,8 @@ def _tau_kernel(
     go = (it < niter) & (tl.max(step, axis=0) > tol)
     while go:
         shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
-        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, shift, shift, BM, MM, BNS // MN, False)
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, js_stop * (BNS // MN), shift, shift,
+                             BM, MM, BNS // MN, False)
         n_lead = _count_below(lst, n_list, js_full)
         s0 = tl.zeros([BM], dtype=tl.float32)
         s1 = tl.zeros([BM], dtype=tl.float32)
