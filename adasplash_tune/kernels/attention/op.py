@@ -4,15 +4,18 @@ backward, as a ``torch.autograd.Function`` and as a forward/backward pair for th
 Nothing here synchronises with the host: buffers and grids depend on shapes only, loop counts are
 read on the device, so a call can be captured in a CUDA graph.
 
-Residuals kept for the backward: ``stats`` (2, B, Hq, N) float32 = (tau, 1 / sum p) and ``mask``
+Residuals kept for the backward: ``stats`` (2, B * Hq, N) float32 = (tau, 1 / sum p) and ``mask``
 (B * Hq, ceil(N / mask_m), ceil(N / mask_n)) int8, the block mask at the config's mask tile.
+
+The forward's int32 scratch (the tau sweeps' lists, then the forward's tile lists) grows as
+rows * N^2; past ``_SCRATCH_BUDGET_BYTES`` the forward runs in row chunks (``forward_chunks``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import triton
@@ -20,7 +23,7 @@ import triton
 from ..declarations.attention import TRITON, fit_triton_config
 from ..spec import Config
 from .backward import sparse_backward_fused, sparse_backward_kv, sparse_backward_q
-from .common import Geometry, poison_outputs
+from .common import Geometry, alloc, poison_outputs
 from .forward import sparse_forward
 from .mask import TileLists, list_size, tile_list_pair, tile_lists
 from .tau import mask_shape, solve_tau, tau_scratch_size
@@ -28,7 +31,7 @@ from .tau import mask_shape, solve_tau, tau_scratch_size
 __all__ = [
     "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
     "adasplash_triton_alpha_backward", "adasplash_triton_residuals", "checked_config", "forward_stages",
-    "block_density", "poison_outputs",
+    "block_density", "poison_outputs", "forward_chunks",
 ]
 
 log = logging.getLogger("adasplash_tune")
@@ -86,6 +89,16 @@ def _prepare(q, k, v, varlen):
     return q, k, v, varlen
 
 
+#: Bytes of int32 scratch one forward pipeline (tau sweeps -> tile lists -> sparse forward) may
+#: use. The scratch holds the tau sweeps' tile lists, then the forward's: both grow as rows * N^2
+#: (B * Hq * (N / 64)^2 int32 at 64-wide tiles: 128 MiB at (1, 8, 131072, 64), as much as a bf16
+#: output). A forward whose scratch would exceed this runs the pipeline once per row chunk, into
+#: slices of the full output, stats and mask, with one scratch sized for the largest chunk
+#: (``forward_chunks``). A single query head's scratch larger than the budget still runs, alone.
+#: Below the budget nothing changes (one launch per stage).
+_SCRATCH_BUDGET_BYTES = 16 << 20
+
+
 @functools.lru_cache(maxsize=512)
 def _forward_buffers(geo: Geometry, config: Config) -> tuple[tuple[int, int, int], int]:
     """(block-mask shape at the config's mask tile, int32 entries of the scratch that the tau
@@ -93,6 +106,66 @@ def _forward_buffers(geo: Geometry, config: Config) -> tuple[tuple[int, int, int
     fwd_tile = (config["fwd_block_m"], config["fwd_block_n"])
     scratch = max(tau_scratch_size(geo, config), list_size(geo, fwd_tile, transposed=False))
     return (geo.rows, *mask_shape(geo, config)), scratch
+
+
+class ForwardChunk(NamedTuple):
+    """One row chunk of a forward: q[b0:b1, h0:h1] and k, v[b0:b1, kv0:kv1], rows [r0, r1) of the
+    flattened (B * Hq) rows; ``geo`` is the chunk's Geometry."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+    kv0: int
+    kv1: int
+    r0: int
+    r1: int
+    geo: Geometry
+
+
+def _spans(n: int, most: int) -> list[tuple[int, int]]:
+    """[0, n) in the fewest spans of at most ``most`` (>= 1), balanced: all of one size but the last."""
+    size = -(-n // -(-n // most))
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@functools.lru_cache(maxsize=512)
+def forward_chunks(geo: Geometry, config: Config, budget: int) -> tuple[ForwardChunk, ...] | None:
+    """The row chunks of a forward whose int32 scratch would exceed ``budget`` bytes, or None when
+    one launch per stage fits. A chunk is as many as fit of: whole batch elements when one fits
+    the budget; else whole kv-head groups of one batch element when one fits; else query heads
+    of one kv-head group (at least one). Every row lies in exactly one chunk, in order, and each
+    chunk's q, k, v slices are contiguous views of contiguous inputs."""
+    if 4 * _forward_buffers(geo, config)[1] <= budget:
+        return None
+    row_bytes = 4 * _forward_buffers(Geometry(1, 1, 1, geo.seq_len, geo.head_dim), config)[1]  # linear in rows
+    hq, group = geo.q_heads, geo.group
+    if hq * row_bytes <= budget:
+        units = [(b0, b1, 0, hq) for b0, b1 in _spans(geo.batch, budget // (hq * row_bytes))]
+    elif group * row_bytes <= budget:
+        units = [(b, b + 1, g0 * group, g1 * group)
+                 for b in range(geo.batch) for g0, g1 in _spans(geo.kv_heads, budget // (group * row_bytes))]
+    else:  # a chunk within one group reads that group's kv head only
+        units = [(b, b + 1, g * group + h0, g * group + h1) for b in range(geo.batch)
+                 for g in range(geo.kv_heads) for h0, h1 in _spans(group, max(1, budget // row_bytes))]
+    chunks = []
+    for b0, b1, h0, h1 in units:
+        kv0, kv1 = h0 // group, -(-h1 // group)
+        chunks.append(ForwardChunk(b0, b1, h0, h1, kv0, kv1, b0 * hq + h0, (b1 - 1) * hq + h1,
+                                   Geometry(b1 - b0, h1 - h0, kv1 - kv0, geo.seq_len, geo.head_dim)))
+    return tuple(chunks)
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_plan(geo: Geometry, config: Config, budget: int
+                  ) -> tuple[tuple[int, int, int], int, tuple[ForwardChunk, ...] | None]:
+    """(block-mask shape, int32 scratch entries, row chunks or None): the scratch is one launch's
+    without chunks, else the largest chunk's."""
+    shape, scratch = _forward_buffers(geo, config)
+    chunks = forward_chunks(geo, config, budget)
+    if chunks is not None:
+        scratch = max(_forward_buffers(c.geo, config)[1] for c in chunks)
+    return shape, scratch, chunks
 
 
 def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tensor:
@@ -103,9 +176,13 @@ def _new_mask(geo: Geometry, config: Config, device: torch.device) -> torch.Tens
 def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     """(out, stats (2, B*Hq, N) = (tau, 1 / sum p) or None, mask, O2 or None). The tau sweeps'
     scratch and the forward's tile lists share one buffer; the tau kernel writes every entry of
-    the block mask. Without ``need_stats`` only tau is kept (no 1 / sum p)."""
+    the block mask. Without ``need_stats`` only tau is kept (no 1 / sum p). Past the scratch
+    budget, the pipeline runs per row chunk (:func:`_forward_chunked`)."""
     geo = Geometry.of(q, k)
-    shape, scratch_size = _forward_buffers(geo, config)
+    shape, scratch_size, chunks = _forward_plan(geo, config, _SCRATCH_BUDGET_BYTES)
+    if chunks is not None:
+        return _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_stats, geo, shape,
+                                scratch_size, chunks)
     mask = torch.empty(shape, dtype=torch.int8, device=q.device)
     scratch = torch.empty(scratch_size, dtype=torch.int32, device=q.device)
     if need_stats:
@@ -119,6 +196,40 @@ def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     need_o2 = need_stats and config["bwd_mode"] == "fused"
     out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
                                 need_stats=need_stats, need_o2=need_o2, inv_l_out=inv_l_out, geo=geo)
+    return out, stats, mask, o2
+
+
+def _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_stats, geo, shape, scratch_size,
+                     chunks):
+    """:func:`_forward` one row chunk at a time: each chunk's tau -> lists -> forward launches (the
+    launches memoised per chunk Geometry) write slices of the full output, stats, mask and O2, so
+    the results are those of one launch per stage; only the scratch is per chunk (one buffer,
+    reused in stream order)."""
+    device = q.device
+    mask = torch.empty(shape, dtype=torch.int8, device=device)
+    scratch = torch.empty(scratch_size, dtype=torch.int32, device=device)
+    stats = None
+    if need_stats:
+        stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=device)
+        tau_all = stats[0]
+    else:
+        tau_all = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=device)
+    need_o2 = need_stats and config["bwd_mode"] == "fused"
+    out = alloc(q.shape, q.dtype, device)
+    o2 = alloc(q.shape, q.dtype, device) if need_o2 else None
+    mask_tile, fwd_tile = (config["mask_m"], config["mask_n"]), (config["fwd_block_m"], config["fwd_block_n"])
+    for c in chunks:
+        qc, oc = q[c.b0:c.b1, c.h0:c.h1], out[c.b0:c.b1, c.h0:c.h1]
+        kc, vc = k[c.b0:c.b1, c.kv0:c.kv1], v[c.b0:c.b1, c.kv0:c.kv1]
+        assert qc.is_contiguous() and kc.is_contiguous() and vc.is_contiguous() and oc.is_contiguous()
+        lens = None if varlen is None else varlen[c.b0:c.b1]
+        mask_c = mask[c.r0:c.r1]
+        tau = solve_tau(qc, kc, lens, alpha, scale, is_causal, config, mask_c, scratch, out=tau_all[c.r0:c.r1],
+                        geo=c.geo)
+        lists = tile_lists(mask_c, c.geo, lens, is_causal, mask_tile, fwd_tile, transposed=False, buffer=scratch)
+        sparse_forward(qc, kc, vc, tau, lists, lens, alpha, scale, is_causal, config, need_stats=need_stats,
+                       need_o2=need_o2, inv_l_out=stats[1, c.r0:c.r1] if need_stats else None, geo=c.geo,
+                       out=oc, o2_out=o2[c.b0:c.b1, c.h0:c.h1] if need_o2 else None)
     return out, stats, mask, o2
 
 
