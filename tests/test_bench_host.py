@@ -34,3 +34,16 @@ def test_bench_host_quick_run_on_cpu(tmp_path):
     assert report["first-call"]["import"]["import_package_beyond_torch_s"] > 0
     assert "needs CUDA" in report["memory"]["skipped"]
     assert "host time per call" in done.stdout and "training step" in done.stdout
+
+
+def test_profile_host_refuses_without_a_gpu(tmp_path):
+    """benchmarks/profile_host.py profiles the GPU eager path only: without CUDA it says so and
+    exits 2, writing nothing."""
+    out = tmp_path / "profile.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_host.py"), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "needs a CUDA GPU" in done.stderr
+    assert not out.exists()
