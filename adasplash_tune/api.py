@@ -43,9 +43,18 @@ MAX_NITER = 100
 # --------------------------------------------------------------------------- validation
 
 
+def _type_name(value: Any) -> str:
+    """A value's type as a message names it: ``int``, but ``numpy.bool`` (whose bare name is ``bool``)."""
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _check_tensor(name: str, t: Any) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} tensor")
     if t.dtype not in DTYPE_NAMES:
         raise TypeError(
             f"{name} has dtype {t.dtype}; supported dtypes are float32, float16 and bfloat16"
@@ -57,9 +66,11 @@ def _check_alpha(alpha: Any) -> float:
     """alpha as a float in (1, 2]; a tensor alpha is read (``.item()``: a device sync on GPU)."""
     if isinstance(alpha, Tensor):
         _check_alpha_shape(alpha)
+        if alpha.is_meta:
+            raise ValueError("alpha is a meta tensor: its value cannot be read; pass a float or a real tensor")
         alpha = alpha.item()
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float in (1, 2], got {type(alpha).__name__}")
+        raise TypeError(f"alpha must be a float in (1, 2], got {_type_name(alpha)}")
     alpha = float(alpha)
     if not (1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be in (1, 2], got {alpha}")
@@ -75,7 +86,7 @@ def _check_niter(niter: Any) -> int | None:
     if niter is None:
         return None
     if isinstance(niter, bool) or not isinstance(niter, int):
-        raise TypeError(f"niter must be an int or None, got {type(niter).__name__}")
+        raise TypeError(f"niter must be an int or None, got {_type_name(niter)}")
     if not 1 <= niter <= MAX_NITER:
         raise ValueError(f"niter must be in 1..{MAX_NITER}, got {niter}")
     return niter
@@ -113,7 +124,7 @@ def _check_scale(scale: Any) -> float | None:
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"scale must be a float or None, got {_type_name(scale)}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return float(scale)
@@ -138,17 +149,17 @@ def _check_attention_tensors(q, k, v, is_causal, varlen) -> None:
             "expected (B, Hkv, N, D) with q's B, N and D"
         )
     hkv = k.shape[1]
-    if hkv == 0 or hq % hkv != 0:
+    if min(batch, hq, hkv, n) < 1:
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)}, k and v {tuple(k.shape)}")
+    if hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
-    if n < 1 or batch < 1 or hq < 1:
-        raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
     if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {dim}")
 
 
 def _check_flags(is_causal, varlen, batch: int, device: torch.device) -> None:
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        raise TypeError(f"is_causal must be a bool, got {_type_name(is_causal)}")
     if varlen is not None:
         if not isinstance(varlen, Tensor):
             raise TypeError(f"varlen must be an integer tensor of shape (B,), got {type(varlen).__name__}")
@@ -241,8 +252,11 @@ def adasplash(
     if torch.compiler.is_compiling():
         return _traced_adasplash(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config)
     a, alpha_tensor = _alpha_arg(alpha)
-    key = None if a is None else _attention_signature(q, k, v, a, is_causal, varlen, niter, scale, backend, config)
-    call = _CALLS.get(key) if key is not None else None
+    try:
+        key = None if a is None else _attention_signature(q, k, v, a, is_causal, varlen, niter, scale, backend, config)
+        call = _CALLS.get(key) if key is not None else None
+    except (TypeError, RuntimeError):  # an unhashable argument, a tensor without sizes: validated below
+        key = call = None
     if call is None:
         call = _attention_call(q, k, v, alpha, is_causal, varlen, niter, scale, backend, config)
         _remember(_CALLS, key, call)
@@ -263,7 +277,8 @@ def _attention_signature(q, k, v, alpha: float, is_causal, varlen, niter, scale,
         lengths = (varlen.dtype, varlen.shape, varlen.device)
     else:
         return None
-    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, _alpha_class(alpha),
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            q.layout, k.layout, v.layout, _alpha_class(alpha),
             is_causal.__class__, is_causal, lengths, niter.__class__, niter, scale.__class__, scale, backend,
             config_key)
 
@@ -311,10 +326,17 @@ def _check_entmax_inputs(x, alpha, dim, niter):
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
     if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        raise TypeError(f"dim must be an int, got {_type_name(dim)}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim {dim} is out of range for a tensor of rank {x.dim()}")
     return x, _check_alpha(alpha), dim % x.dim(), _check_niter(niter)
+
+
+def _refuse_entmax_alpha_grad(alpha: Any) -> None:
+    """entmax has no alpha gradient: detaching one silently would train nothing."""
+    if _needs_grad(alpha):
+        raise ValueError("entmax has no gradient w.r.t. alpha: pass a float or a tensor that does not "
+                         "require grad (alpha.detach()); adasplash does differentiate a 0-d alpha tensor")
 
 
 def _entmax_alpha(alpha: Any) -> float | None:
@@ -350,18 +372,19 @@ def entmax(
         cfg_json = compiled.explicit_config_json("entmax", backend, config)
         return _entmax_rows(x, dim, lambda rows: compiled.traced_entmax(rows, alpha, backend, cfg_json, niter))
     a = _entmax_alpha(alpha)
-    key = None
+    key = call = None
     if a is not None and isinstance(x, Tensor):
         config_key = _config_key(config)
         if config_key is not _UNHASHABLE:
-            key = (x.shape, x.dtype, x.device, _alpha_class(a), dim.__class__, dim, niter.__class__, niter, backend,
-                   config_key)
-    call = _ENTMAX_CALLS.get(key) if key is not None else None
+            try:
+                key = (x.shape, x.dtype, x.device, x.layout, _alpha_class(a), dim.__class__, dim, niter.__class__,
+                       niter, backend, config_key)
+                call = _ENTMAX_CALLS.get(key)
+            except (TypeError, RuntimeError):  # an unhashable argument, a tensor without sizes: validated below
+                key = call = None
     if call is None:
         x, a, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
-        if _needs_grad(alpha):  # entmax has no alpha gradient: detaching it silently would train nothing
-            raise ValueError("entmax has no gradient w.r.t. alpha: pass a float or a tensor that does not "
-                             "require grad (alpha.detach()); adasplash does differentiate a 0-d alpha tensor")
+        _refuse_entmax_alpha_grad(alpha)
         backend = _resolve_backend(backend, x.device)
         sel = entmax_selection(x, a, dim, backend, config)
         call = (backend, dim, with_niter(sel._config, niter))
@@ -409,7 +432,9 @@ def _select_adasplash(q, k, v, alpha=1.5, is_causal=False, varlen=None, niter=No
 
 
 def _select_entmax(x, alpha=1.5, dim=-1, niter=None, *, backend=None, config=None) -> Selection:
-    x, alpha, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
+    x, value, dim, niter = _check_entmax_inputs(x, alpha, dim, niter)
+    _refuse_entmax_alpha_grad(alpha)  # as the call does: select explains no call that fails
+    alpha = value
     backend = _resolve_backend(backend, x.device)
     return _as_run(entmax_selection(x, alpha, dim, backend, config), niter)
 

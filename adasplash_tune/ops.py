@@ -140,6 +140,10 @@ def entmax_pair(backend: str) -> EntmaxPair:
 # --------------------------------------------------------------------------- shared checks
 
 
+#: Integer dtypes ``torch.aminmax`` does not take (read as int64).
+_NO_AMINMAX = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def check_varlen_values(varlen: Tensor, n: int) -> None:
     """ValueError unless every length in ``varlen`` is in [0, n].
 
@@ -150,6 +154,8 @@ def check_varlen_values(varlen: Tensor, n: int) -> None:
         return
     if varlen.numel() == 0:
         return
+    if varlen.dtype in _NO_AMINMAX:
+        varlen = varlen.to(torch.int64)
     low, high = (int(t) for t in torch.aminmax(varlen))
     if low < 0 or high > n:
         raise ValueError(f"varlen values must be valid lengths in [0, {n}] (the sequence length), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +138,22 @@ BAD_ATTENTION = {
                              r"config is for entmax \(torch\), not adasplash \(torch\)"),
     "config-of-triton-backend": _bad(lambda a: a.update(config=get_spec("adasplash", "triton").default()),
                                      ConfigError, r"not adasplash \(torch\)"),
+    # unhashable arguments, other layouts, numpy scalars, meta alpha, empty k/v heads, unsigned lengths
+    "backend-unhashable": _bad(lambda a: a.update(backend=["torch"]), ValueError, r"unknown backend \['torch'\]"),
+    "scale-unhashable": _bad(lambda a: a.update(scale=[0.5]), TypeError, r"scale must be a float or None, got list"),
+    "niter-unhashable": _bad(lambda a: a.update(niter=[2]), TypeError, r"niter must be an int or None, got list"),
+    "is-causal-unhashable": _bad(lambda a: a.update(is_causal=[True]), TypeError, r"is_causal must be a bool, got list"),
+    "is-causal-numpy-bool": _bad(lambda a: a.update(is_causal=np.bool_(True)), TypeError,
+                                 r"is_causal must be a bool, got numpy\.bool"),
+    "alpha-numpy-float32": _bad(lambda a: a.update(alpha=np.float32(1.5)), TypeError,
+                                r"alpha must be a float in \(1, 2\], got numpy\.float32"),
+    "alpha-meta-tensor": _bad(lambda a: a.update(alpha=torch.tensor(1.5, device="meta")), ValueError,
+                              r"alpha is a meta tensor"),
+    "q-sparse": _bad(lambda a: a.update(q=a["q"].to_sparse()), TypeError,
+                     r"q must be a dense \(strided\) tensor, got a torch\.sparse_coo tensor"),
+    "kv-heads-0": _bad(lambda a: a.update(k=a["k"][:, :0], v=a["v"][:, :0]), ValueError, r"empty input"),
+    "varlen-uint32-too-long": _bad(lambda a: a.update(varlen=torch.tensor([9, 10], dtype=torch.uint32)), ValueError,
+                                   r"varlen values must be valid lengths in \[0, 9\].*from 9 to 10"),
 }
 
 
@@ -173,6 +190,13 @@ def test_varlen_values_are_checked_on_every_call() -> None:
         adasplash(q, k, v, varlen=torch.tensor([5, 12]), backend="torch")
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.uint32, torch.uint64], ids=str)
+def test_varlen_of_any_integer_dtype_gives_the_int64_result(dtype) -> None:
+    q, k, v = _qkv()
+    expected = adasplash(q, k, v, varlen=torch.tensor([4, 9]), backend="torch")
+    assert torch.equal(adasplash(q, k, v, varlen=torch.tensor([4, 9], dtype=dtype), backend="torch"), expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.bfloat16)])
 def test_gpu_varlen_values_are_checked_on_request(monkeypatch, backend, dtype) -> None:
@@ -203,6 +227,8 @@ def test_entmax_refuses_an_alpha_that_needs_a_gradient() -> None:
     x = torch.randn(3, 40)
     with pytest.raises(ValueError, match=r"entmax has no gradient w\.r\.t\. alpha.*detach"):
         entmax(x, torch.tensor(1.5, requires_grad=True), backend="torch")
+    with pytest.raises(ValueError, match=r"entmax has no gradient w\.r\.t\. alpha"):  # select explains no failing call
+        select("entmax", x, torch.tensor(1.5, requires_grad=True), backend="torch")
     out = entmax(x, torch.tensor(1.5, requires_grad=True).detach(), backend="torch")
     assert relative_error(out, entmax_reference(x, 1.5)) <= tolerance(torch.float32)
 
@@ -261,6 +287,11 @@ BAD_ENTMAX = {
     "unknown-backend": (lambda a: a.update(backend="numpy"), ValueError, r"unknown backend 'numpy'"),
     "config-unknown-field": (lambda a: a.update(config={"q_chunk": 64}), ConfigError, r"unknown config field 'q_chunk'"),
     "config-out-of-domain": (lambda a: a.update(config={"niter": 7777}), ConfigError, r"config field 'niter': 7777"),
+    "dim-unhashable": (lambda a: a.update(dim=[0]), TypeError, r"dim must be an int, got list"),
+    "dim-numpy": (lambda a: a.update(dim=np.int64(0)), TypeError, r"dim must be an int, got numpy\.int64"),
+    "backend-unhashable": (lambda a: a.update(backend=["torch"]), ValueError, r"unknown backend \['torch'\]"),
+    "niter-unhashable": (lambda a: a.update(niter=[2]), TypeError, r"niter must be an int or None, got list"),
+    "x-sparse": (lambda a: a.update(x=a["x"].to_sparse()), TypeError, r"x must be a dense \(strided\) tensor"),
 }
 
 
@@ -268,6 +299,7 @@ BAD_ENTMAX = {
 def test_entmax_bad_input_is_named(case: str) -> None:
     change, exc, match = BAD_ENTMAX[case]
     call = {"x": torch.randn(3, 40), "alpha": 1.5, "dim": -1, "niter": None, "backend": "torch", "config": None}
+    entmax(**call)  # a valid call of the same shape first: the call memo must not let a bad one through
     change(call)
     with pytest.raises(exc, match=match):
         entmax(**call)
