@@ -88,11 +88,18 @@ def _check_space_knobs(kernel: str, backend: str, device: str, space: dict[str, 
     from ..device import fingerprint
     from ..tuner.space import build_space, target_of
 
-    known = build_space(kernel, backend, target=target_of(backend, fingerprint(device).as_dict())).names
+    full = build_space(kernel, backend, target=target_of(backend, fingerprint(device).as_dict()))
+    known = full.names
     unknown = [name for name in space if name not in known]
     if unknown:
         raise click.BadParameter(f"unknown knob {unknown[0]!r} for {kernel} ({backend}); known knobs: "
                                  f"{', '.join(known)}", param_hint="'--space'")
+    for name, values in space.items():
+        allowed = full.dim(name).choices
+        bad = [v for v in values if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool)]
+        if bad:
+            raise click.BadParameter(f"{name}={','.join(map(str, bad))}: not a choice of {name} for {kernel} "
+                                     f"({backend}); choices: {', '.join(map(str, allowed))}", param_hint="'--space'")
 
 
 def _sqlite_file(location: str) -> Path | None:

@@ -112,8 +112,13 @@ def test_space_bounds_the_search(tmp_path):
     assert row["status"] == "tuned" and row["trials"] == 4
     assert row["config"]["niter"] in (6, 8) and row["config"]["q_chunk"] in (16, 32)
     bad = run("tune", "--backend", "torch", "--seq-len", "40", "--trials", "1", "--space", "niter=7",
-              *_storage(tmp_path))
-    assert bad.exit_code == 1 and "leaves no choice" in bad.output
+              *_storage(tmp_path))  # not a declared choice: a usage error, before any tuning
+    assert bad.exit_code == 2 and "niter=7: not a choice of niter" in bad.output
+    for value in ("abc", "3,999", "true"):
+        assert run("tune", "--backend", "torch", "--space", f"niter={value}").exit_code == 2
+    empty = run("tune", "--backend", "torch", "--seq-len", "40", "--head-dim", "16", "--trials", "1", "--space",
+                "q_chunk=2048", *_storage(tmp_path))  # declared, but no q_chunk that large fits N = 40
+    assert empty.exit_code == 1 and "leaves no choice" in empty.output
     assert run("tune", "--backend", "torch", "--space", "niter").exit_code == 2
 
 
