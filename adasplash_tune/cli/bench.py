@@ -39,9 +39,10 @@ def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, 
 
     if plot and not _has_matplotlib():  # before the benchmark runs, not after
         raise CliError(f"--plot needs matplotlib: {PLOT_INSTALL}")
+    if plot and kernel == "entmax" and not from_json:
+        raise click.UsageError("--plot draws attention timings (time vs N); --kernel entmax has none to plot")
     if from_json:
-        data = json.loads(open(from_json, encoding="utf-8").read())
-        rows_out = data["rows"] if isinstance(data, dict) else data
+        rows_out = _load_rows(from_json)
     else:
         import torch
 
@@ -77,6 +78,24 @@ def bench(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, 
             click.echo(f"selected vs default, geometric mean ({passes}): {value:.2f}x")
     if plot:  # after the results are printed: a plot that fails loses nothing
         _plot(rows_out, plot)
+
+
+def _load_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a ``bench --out`` file (a list of rows, or ``{"rows": [...]}``), or a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CliError(f"{path}: not a bench --out file ({exc})") from None
+    from ..benchmark import BenchRow
+
+    rows = data.get("rows") if isinstance(data, dict) else data
+    try:
+        if not isinstance(rows, list) or not all(isinstance(BenchRow(**r).problem, dict) for r in rows):
+            raise TypeError("expected a list of rows")
+    except TypeError as exc:  # a row that is no mapping, lacks a field or has an unknown one
+        raise CliError(f"{path}: not a bench --out file ({exc})") from None
+    return rows
 
 
 #: How to get matplotlib for ``--plot``.

@@ -14,10 +14,28 @@ def register(main: click.Group) -> None:
     main.add_command(verify)
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``: a torch device string this machine has (a usage error otherwise)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise click.BadParameter(f"{value!r}: this machine has {count} CUDA/ROCm GPU(s)")
+    return value
+
+
 @click.command()
 @click.option("--cache", "cache", default=None, help="Cache path or SQLAlchemy URL (default: the user cache).")
 @click.option("--kernel", type=click.Choice(["adasplash", "entmax"]), default=None, help="Only this kernel.")
-@click.option("--device", "device", default=None, help="Device to check on (default: cuda if present, else cpu).")
+@click.option("--device", "device", default=None, callback=_device,
+              help="Device to check on (default: cuda if present, else cpu).")
 @click.option("--shipped/--no-shipped", default=True, show_default=True,
               help="Also check the shipped caches' entries for this device (not with --cache).")
 @click.option("--retime", is_flag=True, help="Also time each entry again and show it beside the stored time.")
@@ -31,9 +49,11 @@ def verify(cache: str | None, kernel: str | None, device: str | None, shipped: b
     Entries tuned for an older version of a kernel's code (stale) are reported and left alone.
     Exit status 1 if any entry failed.
     """
+    import os
+
     import torch
 
-    from ..cache.locations import shipped_files
+    from ..cache.locations import is_url, shipped_files, user_cache_location
     from ..cache.store import StoreError, open_store
     from ..device import fingerprint
     from ..tuner.evaluate import Evaluator
@@ -42,8 +62,13 @@ def verify(cache: str | None, kernel: str | None, device: str | None, shipped: b
     dev = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     device_id = fingerprint(torch.device(dev)).device_id
     sources: list[tuple[str, Any, bool]] = []
+    location = user_cache_location(cache)
+    missing = not is_url(location) and not os.path.exists(os.path.expanduser(location))
+    if missing:  # nothing of the user's to check, and checking creates no cache file
+        click.echo(f"no cache file at {location}: no user entries to check", err=True)
     try:
-        sources.append(("user", open_store(cache), True))
+        if not missing:
+            sources.append(("user", open_store(cache), True))
         if shipped and cache is None:
             sources += [("shipped", open_store(str(path), readonly=True), False) for path in shipped_files()]
     except StoreError as exc:

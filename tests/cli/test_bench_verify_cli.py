@@ -65,6 +65,27 @@ def test_bench_usage_error_exit_2():
     assert run("bench", "--seq-len", "abc").exit_code == 2
 
 
+def test_bench_plot_of_entmax_is_a_usage_error_before_running(tmp_path, monkeypatch):
+    """The plot draws attention timings only: entmax used to be timed first, then fail with exit 1."""
+    from adasplash_tune import benchmark
+
+    ran = []
+    monkeypatch.setattr(benchmark, "bench_problems", lambda *a, **k: ran.append(1) or [])
+    result = run("bench", "--kernel", "entmax", "--rows", "2", "--cols", "16", "--plot", str(tmp_path / "p.png"))
+    assert result.exit_code == 2 and not ran
+    assert "--plot draws attention timings" in result.output
+
+
+@pytest.mark.parametrize("content", ["not json", '{"rows": [1]}', '[{"label": "x"}]', '{"entries": []}', "\udcff"])
+def test_bench_from_a_file_that_is_no_bench_output_is_a_one_line_error(tmp_path, content):
+    """Used to be `error: 'rows'` or a bare JSON decoder message, without the file's name."""
+    path = tmp_path / "rows.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    result = run("bench", "--from-json", str(path))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {path}: not a bench --out file (") and result.output.count("\n") == 1
+
+
 def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, monkeypatch):
     """Issue 16, defect 5: the whole benchmark used to run first, then fail with nothing printed."""
     import sys
@@ -144,3 +165,19 @@ def test_verify_checks_the_shipped_entries_for_this_device_without_marking_them(
     result = run("verify")
     assert result.exit_code == 1 and "2 checked, 1 failed (0 marked)" in result.output
     assert shipped.with_name("other.sqlite").read_bytes() == before
+
+
+def test_verify_of_a_missing_cache_checks_nothing_and_creates_no_file(tmp_path):
+    missing = tmp_path / "typo.sqlite"
+    result = run("verify", "--json", "--cache", str(missing))
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    assert f"no cache file at {missing}" in result.stderr
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("device,message", [("bogus", "'bogus' is not a device"), ("cuda:99", "CUDA/ROCm GPU")])
+def test_verify_on_a_device_this_machine_lacks_is_a_usage_error(tmp_path, device, message):
+    cache = tmp_path / "cache.sqlite"
+    _store_entry(cache, niter=12)
+    result = run("verify", "--cache", str(cache), "--device", device)
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and message in result.output
