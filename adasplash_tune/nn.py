@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import api
 from .kernels.spec import Config
+from .selection import explicit_config
 
 __all__ = ["AdaSplashAttention"]
 
@@ -65,11 +66,18 @@ class AdaSplashAttention(nn.Module):
         alpha = api._check_alpha(alpha)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        if not isinstance(learn_alpha, bool):
+            raise TypeError(f"learn_alpha must be a bool, got {api._type_name(learn_alpha)}")
         if backend not in (None, "auto", "triton", "torch"):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
+        if config is not None:  # checked now, not at the first forward; in full once the backend is known
+            if backend in ("triton", "torch"):
+                explicit_config("adasplash", backend, config)
+            elif not isinstance(config, (Config, Mapping)):
+                raise TypeError(f"config must be a mapping or a Config, got {type(config).__name__}")
         self.is_causal = is_causal
-        self.scale, self.niter, self.backend, self.config = scale, api._check_niter(niter), backend, config
-        self.learn_alpha = bool(learn_alpha)
+        self.scale, self.niter, self.backend, self.config = api._check_scale(scale), api._check_niter(niter), backend, config
+        self.learn_alpha = learn_alpha
         if self.learn_alpha:
             frac = min(max(alpha - 1.0, _ALPHA_EDGE), 1.0 - _ALPHA_EDGE)
             logit = math.log(frac / (1.0 - frac))
@@ -95,8 +103,12 @@ class AdaSplashAttention(nn.Module):
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
                 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        head_dim = embed_dim // num_heads
+        if not api.MIN_HEAD_DIM <= head_dim <= api.MAX_HEAD_DIM:
+            raise ValueError(f"embed_dim / num_heads = {head_dim} is not a supported head dim "
+                             f"({api.MIN_HEAD_DIM}..{api.MAX_HEAD_DIM})")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = head_dim
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -173,7 +185,7 @@ class AdaSplashAttention(nn.Module):
 def _lengths_from_padding(mask: Tensor, batch: int, n: int, device: torch.device) -> Tensor:
     """Valid lengths (B,) from a (B, N) bool padding mask (True = pad); only right padding is accepted."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, n):
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        shape = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"key_padding_mask must be a bool tensor of shape ({batch}, {n}) with True at "
                          f"padded positions, got {shape}")
     lengths = (~mask).sum(-1)

@@ -85,10 +85,30 @@ def test_padding_that_is_not_right_padding_is_refused():
     ({"alpha": 1.0}, "alpha"),
     ({"alpha": 2.5, "learn_alpha": True}, "alpha"),
     ({"backend": "cuda"}, "unknown backend"),
+    # used to construct, then fail at the first forward
+    ({"embed_dim": 64, "num_heads": 8}, r"embed_dim / num_heads = 8 is not a supported head dim \(16\.\.256\)"),
+    ({"scale": -1.0}, "scale must be a positive finite number"),
+    ({"backend": "torch", "config": {"bogus": 1}}, "unknown config field 'bogus'"),
 ])
 def test_bad_construction_is_a_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaSplashAttention(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"learn_alpha": "no"}, "learn_alpha must be a bool, got str"),  # used to mean True
+    ({"scale": "0.1"}, "scale must be a float or None, got str"),
+    ({"config": "q_chunk=16"}, "config must be a mapping or a Config, got str"),
+])
+def test_bad_construction_types_are_type_errors(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        AdaSplashAttention(**kwargs)
+
+
+def test_a_padding_mask_of_another_dtype_is_named_with_its_dtype():
+    q = k = v = torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match=r"got torch\.int64 of shape \(1, 9\)"):
+        AdaSplashAttention()(q, k, v, key_padding_mask=torch.zeros(1, 9, dtype=torch.int64))
 
 
 def test_learnable_alpha_starts_at_its_value_and_stays_inside_the_interval():
