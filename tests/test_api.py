@@ -378,6 +378,22 @@ def test_niter_override_reaches_the_result() -> None:
     assert select("adasplash", q, k, v, 1.5, niter=3).config["niter"] == 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_any_niter_the_api_takes_runs_on_every_backend(backend: str, triton_device: str) -> None:
+    """niter is an override in 1..100, not a config field: the Triton attention op used to refuse
+    an override outside the tuned choices (31, 100) with "config field 'niter': 31 is not an
+    allowed value", a field the caller never passed."""
+    device = triton_device if backend == "triton" else "cpu"
+    q, k, v = (t.to(device) for t in _qkv(batch=1, hq=2, hkv=1, n=5, seed=12))
+    ref = attention_reference(q, k, v, 1.5, True)
+    for niter in (31, 100):
+        out = adasplash(q, k, v, 1.5, True, niter=niter, backend=backend)
+        assert relative_error(out, ref) <= tolerance(torch.float32)
+        assert select("adasplash", q, k, v, 1.5, True, niter=niter, backend=backend).config["niter"] == niter
+    with pytest.raises(ConfigError, match=r"config field 'niter': 31"):  # as a config field it is still refused
+        adasplash(q, k, v, config={"niter": 31}, backend=backend)
+
+
 def test_entmax_through_the_api() -> None:
     x = torch.randn(5, 37, generator=torch.Generator().manual_seed(9))
     out = entmax(x, 1.25, dim=0, backend="torch")

@@ -70,6 +70,9 @@ def _checked_for(config: Config, head_dim: int, dtype: torch.dtype, device: torc
 
 @functools.lru_cache(maxsize=1024)
 def _checked(config: Config, context: tuple[tuple[str, int], ...]) -> Config:
+    niter = config["niter"]
+    if niter not in TRITON.param("niter").choices:  # a call's niter override (any count the API takes)
+        return _checked(config.replace(niter=TRITON.default()["niter"]), context).replace(niter=niter)
     ctx = dict(context)
     cfg = TRITON.validate(config)
     if not TRITON.violations(cfg.as_dict(), ctx):
