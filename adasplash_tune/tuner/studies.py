@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..cache.locations import is_url, user_cache_location
+from ..cache.locations import display_location, hide_password, is_url, user_cache_location
 from ..kernels.problem import key_to_json
 from .lost_trials import heartbeat_options
 
@@ -75,8 +75,10 @@ def open_storage(url: str):
                 storage = optuna.storages.RDBStorage(url, **kwargs)
             break
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            if attempt == OPEN_ATTEMPTS:
-                raise
+            if attempt == OPEN_ATTEMPTS:  # one line naming the storage (never its password)
+                reason = hide_password(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                                       url)
+                raise ValueError(f"study storage {display_location(url)}: cannot open ({reason})") from exc
             log.debug("opening the study storage (attempt %d): %s", attempt, exc)
             time.sleep(0.05 * attempt + random.random() * 0.1)
     if sqlite_file:

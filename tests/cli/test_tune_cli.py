@@ -213,3 +213,12 @@ def test_failures_exit_1_with_one_line(tmp_path, monkeypatch):
     result = run("tune", "--backend", "torch", "--cache", str(bogus), "--trials", "1")
     assert result.exit_code == 1 and result.output.startswith("error:")
     assert bogus.read_bytes() == b"definitely not sqlite" * 10
+
+
+def test_a_study_storage_that_cannot_be_opened_is_named_in_one_line(tmp_path):
+    """Used to print SQLAlchemy's bare "Can't load plugin: sqlalchemy.dialects:bogus"."""
+    result = run("tune", "--backend", "torch", "--seq-len", "16", "--head-dim", "16", "--trials", "1",
+                 "--cache", str(tmp_path / "cache.sqlite"), "--storage", "bogus://user:sekrit@host/db")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: study storage bogus://user:***@host/db: cannot open (")
+    assert result.output.count("\n") == 1 and "sekrit" not in result.output
