@@ -439,6 +439,11 @@ def _select_entmax(x, alpha=1.5, dim=-1, niter=None, *, backend=None, config=Non
     return _as_run(entmax_selection(x, alpha, dim, backend, config), niter)
 
 
+# A wrong argument list names the public function ("select() missing 2 required positional
+# arguments: 'k' and 'v'"), not these private ones.
+_select_adasplash.__qualname__ = _select_entmax.__qualname__ = "select"
+
+
 def _as_run(sel: Selection, niter: int | None) -> Selection:
     """The selection as the call runs it: an explicit ``niter`` replaces the config's."""
     cfg = with_niter(sel._config, niter)

@@ -312,6 +312,15 @@ def test_select_unknown_kernel() -> None:
         select("softmax", torch.randn(2, 3))
 
 
+def test_select_with_a_wrong_argument_list_names_select() -> None:
+    """Used to name the private _select_adasplash() / _select_entmax()."""
+    q = torch.randn(1, 2, 9, 16)
+    with pytest.raises(TypeError, match=r"^select\(\) missing 2 required positional arguments: 'k' and 'v'"):
+        select("adasplash", q)
+    with pytest.raises(TypeError, match=r"^select\(\) got an unexpected keyword argument 'dropout'"):
+        select("entmax", q, dropout=0.1)
+
+
 # --------------------------------------------------------------------------- results
 
 
