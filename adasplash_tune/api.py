@@ -28,7 +28,7 @@ from . import compiled, ops
 from .cache.samples import ENV_SAMPLES
 from .kernels.problem import alpha_class
 from .kernels.spec import Config
-from .selection import DTYPE_NAMES, Selection, attention_selection, entmax_selection, with_niter
+from .selection import DTYPE_NAMES, Selection, attention_selection, entmax_selection, explicit_config, with_niter
 from .selection import clear_memo as _clear_selection_memo
 
 __all__ = ["adasplash", "entmax", "select", "Selection", "clear_memo"]
@@ -128,6 +128,17 @@ def _check_scale(scale: Any) -> float | None:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return float(scale)
+
+
+def _check_config_option(config: Any, backend: Any) -> None:
+    """An attention config given ahead of the calls (a module's or an integration's option): validated
+    in full when ``backend`` names one, else its type only (the calls' device picks the backend)."""
+    if config is None:
+        return
+    if backend in ("triton", "torch"):
+        explicit_config("adasplash", backend, config)
+    elif not isinstance(config, (Config, Mapping)):
+        raise TypeError(f"config must be a mapping or a Config, got {type(config).__name__}")
 
 
 def _check_attention_tensors(q, k, v, is_causal, varlen) -> None:

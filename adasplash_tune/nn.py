@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from . import api
 from .kernels.spec import Config
-from .selection import explicit_config
 
 __all__ = ["AdaSplashAttention"]
 
@@ -70,11 +69,7 @@ class AdaSplashAttention(nn.Module):
             raise TypeError(f"learn_alpha must be a bool, got {api._type_name(learn_alpha)}")
         if backend not in (None, "auto", "triton", "torch"):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
-        if config is not None:  # checked now, not at the first forward; in full once the backend is known
-            if backend in ("triton", "torch"):
-                explicit_config("adasplash", backend, config)
-            elif not isinstance(config, (Config, Mapping)):
-                raise TypeError(f"config must be a mapping or a Config, got {type(config).__name__}")
+        api._check_config_option(config, backend)  # now, not at the first forward
         self.is_causal = is_causal
         self.scale, self.niter, self.backend, self.config = api._check_scale(scale), api._check_niter(niter), backend, config
         self.learn_alpha = learn_alpha

@@ -242,6 +242,12 @@ def test_register_validates_its_options():
         register("adasplash-bad", alpha=2.5)
     with pytest.raises(ValueError, match="unknown backend"):
         register("adasplash-bad", backend="cuda")
+    # used to register, then fail at the model's first forward
+    with pytest.raises(ValueError, match="unknown config field 'bogus'"):
+        register("adasplash-bad", backend="torch", config={"bogus": 1})
+    with pytest.raises(TypeError, match="config must be a mapping or a Config, got str"):
+        register("adasplash-bad", config="q_chunk=16")
+    assert "adasplash-bad" not in AttentionInterface._global_mapping
     assert register("adasplash-2", alpha=2.0) == "adasplash-2"
     assert "adasplash-2" in AttentionInterface._global_mapping
     assert "adasplash-2" in AttentionMaskInterface._global_mapping

@@ -207,12 +207,13 @@ def register(
                           "pip install 'adasplash-tune[hf]'") from exc
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    from ..api import _check_alpha, _check_niter
+    from ..api import _check_alpha, _check_config_option, _check_niter
 
     alpha = _check_alpha(alpha)
     niter = _check_niter(niter)
     if backend not in (None, "auto", "triton", "torch"):
         raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
+    _check_config_option(config, backend)  # now, not at the model's first forward
     options = {"alpha": alpha, "backend": backend, "niter": niter, "config": config}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
