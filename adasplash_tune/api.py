@@ -408,8 +408,8 @@ def entmax(
 
 def _entmax_rows(x: Tensor, dim: int, run) -> Tensor:
     """``run`` on x's rows along ``dim`` viewed as a 2-D (rows, cols) tensor, shaped back like x."""
-    if x.numel() == 0:
-        return torch.empty_like(x)
+    if x.numel() == 0:  # nothing to compute; a clone stays in x's autograd graph, as softmax's result does
+        return x.clone()
     moved = x if dim == x.dim() - 1 else x.movedim(dim, -1)
     rows = moved if moved.dim() == 2 else moved.reshape(-1, moved.shape[-1])
     out = run(rows)

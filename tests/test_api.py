@@ -403,6 +403,16 @@ def test_any_niter_the_api_takes_runs_on_every_backend(backend: str, triton_devi
         adasplash(q, k, v, config={"niter": 31}, backend=backend)
 
 
+@pytest.mark.parametrize("shape,dim", [((3, 0), -1), ((0, 4), -1), ((2, 0, 3), 0)])
+def test_entmax_of_an_empty_tensor_is_empty_and_differentiable(shape, dim) -> None:
+    """An empty x that requires grad used to give a result outside the graph: backward raised."""
+    x = torch.randn(shape, requires_grad=True)
+    y = entmax(x, dim=dim, backend="torch")
+    assert y.shape == x.shape and y.dtype == x.dtype and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_entmax_through_the_api() -> None:
     x = torch.randn(5, 37, generator=torch.Generator().manual_seed(9))
     out = entmax(x, 1.25, dim=0, backend="torch")
