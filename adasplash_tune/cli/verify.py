@@ -68,7 +68,7 @@ def verify(cache: str | None, kernel: str | None, device: str | None, shipped: b
         click.echo(f"no cache file at {location}: no user entries to check", err=True)
     try:
         if not missing:
-            sources.append(("user", open_store(cache), True))
+            sources.append(("user", *_open_user(cache)))
         if shipped and cache is None:
             sources += [("shipped", open_store(str(path), readonly=True), False) for path in shipped_files()]
     except StoreError as exc:
@@ -90,7 +90,7 @@ def verify(cache: str | None, kernel: str | None, device: str | None, shipped: b
         click.echo(json.dumps(rows, indent=2, default=str))
     else:
         _print_table(rows, retime)
-        marked = sum(r["source"] == "user" for r in failed)
+        marked = sum(bool(r.get("marked")) for r in failed)
         click.echo(f"{len(rows)} checked, {len(failed)} failed ({marked} marked), "
                    f"{sum(r['status'] == 'stale' for r in rows)} stale")
     if failed:
@@ -126,7 +126,24 @@ def _check(entry: Any, source: str, store: Any, evaluator: Any, timing: Any, ret
         row["time_ms"] = result.time_ms
     if not result.ok and store is not None:
         store.mark_failed(entry)
+        row["marked"] = True
     return row
+
+
+def _open_user(cache: str | None) -> tuple[Any, bool]:
+    """(the user cache, whether failures can be marked in it): a cache this process cannot write
+    (a read-only file, folder or mount) is still checked, read-only, its failures reported only."""
+    from ..cache.store import StoreError, open_store
+
+    try:
+        return open_store(cache), True
+    except StoreError as exc:
+        try:
+            store = open_store(cache, readonly=True)
+        except StoreError:
+            raise exc from None
+        click.echo(f"note: {exc}; checking it read-only: failures are reported, not marked", err=True)
+        return store, False
 
 
 def _print_table(rows: list[dict[str, Any]], retime: bool) -> None:

@@ -181,3 +181,27 @@ def test_verify_on_a_device_this_machine_lacks_is_a_usage_error(tmp_path, device
     _store_entry(cache, niter=12)
     result = run("verify", "--cache", str(cache), "--device", device)
     assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and message in result.output
+
+
+def test_verify_checks_a_cache_it_cannot_write_read_only_without_marking(tmp_path, monkeypatch):
+    """A cache in a read-only folder (or mount) used to fail verify before anything was checked."""
+    from adasplash_tune.cache import store as store_module
+    from adasplash_tune.cache.store import StoreError
+
+    cache = tmp_path / "cache.sqlite"
+    _store_entry(cache, niter=1)  # fails the fp32 gate
+    real_open = store_module.open_store
+
+    def no_writing(location=None, *args, readonly=False, **kwargs):
+        if not readonly and str(location) == str(cache):
+            raise StoreError(f"{cache}: its directory is read-only (SQLite needs to create its journal there)")
+        return real_open(location, *args, readonly=readonly, **kwargs)
+
+    monkeypatch.setattr(store_module, "open_store", no_writing)
+    result = run("verify", "--cache", str(cache))
+    assert result.exit_code == 1
+    assert "checking it read-only: failures are reported, not marked" in result.stderr
+    assert "1 checked, 1 failed (0 marked)" in result.stdout
+    with real_open(str(cache)) as store:
+        (entry,) = store.entries()
+        assert not entry.failed_verify
