@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .declarations.entmax import TAU_TOL_AUTO
+from .declarations.entmax import NEAR2_ALPHA, TAU_TOL_AUTO
 from .launch import Launch
 from .spec import Config, ConfigError
 
@@ -356,7 +356,8 @@ def resolve_tol(tau_tol: float | str, dtype: torch.dtype, alpha: float) -> float
         if dtype == torch.float32:
             tau_tol = TAU_TOL_AUTO[("float32", "any")]
         else:
-            tau_tol = TAU_TOL_AUTO[("16bit", "1.5" if alpha == 1.5 else "other")]
+            cls = "1.5" if alpha == 1.5 else "near2" if alpha > NEAR2_ALPHA else "other"
+            tau_tol = TAU_TOL_AUTO[("16bit", cls)]
     tol = float(tau_tol)
     return tol if tol > 0.0 else -1.0
 

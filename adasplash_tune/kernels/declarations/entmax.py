@@ -15,7 +15,15 @@ NITER_CHOICES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 30)
 #: 1e-4). The worst rows are flat ones at alpha = 2 (Newton, support of most of the row): there
 #: 0.01 leaves 3e-4 in float32 and 0.1 leaves 3e-2, hence 0.003 and, in 16 bits, 0.03 for every
 #: alpha but 1.5, whose Halley steps converge fastest (0.1: <= 4e-5 in float32 terms).
-TAU_TOL_AUTO = {("16bit", "1.5"): 0.1, ("16bit", "other"): 0.03, ("float32", "any"): 0.003}
+#: Above alpha = 1.7 ("near2") the gradient gates 16 bits at 0.003 too: its weight
+#: s = u^((2 - alpha)/(alpha - 1)) jumps at the support's edge as alpha nears 2, so a key that an
+#: early exit leaves inside (or outside) the support weighs in full. On flat rows (x * 1e-3 to
+#: 0.1, 1000-4097 columns, fp16 and bf16) 0.03 left gradient errors of 2e-2 at 1.8, 6e-2 at 1.85
+#: and 8e-2 at 2 (gate 2e-2; forwards within theirs); 0.003 keeps them at 16-bit rounding.
+TAU_TOL_AUTO = {("16bit", "1.5"): 0.1, ("16bit", "other"): 0.03, ("16bit", "near2"): 0.003,
+                ("float32", "any"): 0.003}
+#: alpha above this takes TAU_TOL_AUTO's ("16bit", "near2") in 16 bits.
+NEAR2_ALPHA = 1.7
 
 
 def _pow2(n: int) -> int:
