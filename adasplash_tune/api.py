@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 from dataclasses import replace
 from typing import Any, Mapping
@@ -69,7 +70,7 @@ def _check_alpha(alpha: Any) -> float:
         if alpha.is_meta:
             raise ValueError("alpha is a meta tensor: its value cannot be read; pass a float or a real tensor")
         alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars too
         raise TypeError(f"alpha must be a float in (1, 2], got {_type_name(alpha)}")
     alpha = float(alpha)
     if not (1.0 < alpha <= 2.0):
@@ -123,7 +124,7 @@ def _resolve_backend(backend: Any, device: torch.device) -> str:
 def _check_scale(scale: Any) -> float | None:
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {_type_name(scale)}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")

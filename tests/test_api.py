@@ -138,15 +138,13 @@ BAD_ATTENTION = {
                              r"config is for entmax \(torch\), not adasplash \(torch\)"),
     "config-of-triton-backend": _bad(lambda a: a.update(config=get_spec("adasplash", "triton").default()),
                                      ConfigError, r"not adasplash \(torch\)"),
-    # unhashable arguments, other layouts, numpy scalars, meta alpha, empty k/v heads, unsigned lengths
+    # unhashable arguments, other layouts, a numpy bool, meta alpha, empty k/v heads, unsigned lengths
     "backend-unhashable": _bad(lambda a: a.update(backend=["torch"]), ValueError, r"unknown backend \['torch'\]"),
     "scale-unhashable": _bad(lambda a: a.update(scale=[0.5]), TypeError, r"scale must be a float or None, got list"),
     "niter-unhashable": _bad(lambda a: a.update(niter=[2]), TypeError, r"niter must be an int or None, got list"),
     "is-causal-unhashable": _bad(lambda a: a.update(is_causal=[True]), TypeError, r"is_causal must be a bool, got list"),
     "is-causal-numpy-bool": _bad(lambda a: a.update(is_causal=np.bool_(True)), TypeError,
                                  r"is_causal must be a bool, got numpy\.bool"),
-    "alpha-numpy-float32": _bad(lambda a: a.update(alpha=np.float32(1.5)), TypeError,
-                                r"alpha must be a float in \(1, 2\], got numpy\.float32"),
     "alpha-meta-tensor": _bad(lambda a: a.update(alpha=torch.tensor(1.5, device="meta")), ValueError,
                               r"alpha is a meta tensor"),
     "q-sparse": _bad(lambda a: a.update(q=a["q"].to_sparse()), TypeError,
@@ -373,6 +371,18 @@ def test_alpha_as_zero_dim_tensor() -> None:
     q, k, v = _qkv(n=11, seed=7)
     out = adasplash(q, k, v, torch.tensor(1.25))
     assert relative_error(out, attention_reference(q, k, v, 1.25)) <= tolerance(torch.float32)
+
+
+def test_numpy_scalars_are_accepted_for_alpha_and_scale() -> None:
+    """np.float32 is a real number (numbers.Real) but not a Python float: it was refused with
+    "alpha must be a float ..., got float32"."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv(n=11, seed=7)
+    want = adasplash(q, k, v, 1.25, scale=0.5)
+    assert torch.equal(adasplash(q, k, v, np.float32(1.25), scale=np.float32(0.5)), want)
+    assert torch.equal(entmax(q, np.float32(1.25)), entmax(q, 1.25))
+    with pytest.raises(TypeError, match="alpha"):
+        adasplash(q, k, v, True)
 
 
 def test_niter_override_reaches_the_result() -> None:
