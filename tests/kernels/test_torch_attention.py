@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -76,7 +77,10 @@ def test_forward_and_gradients_match_reference(case: tuple, config_name: str) ->
     alpha, causal, n, dim, use_varlen, gqa, dtype = case
     batch = 3 if use_varlen else 2
     hq, hkv = (gqa, 1) if gqa > 1 else (2, 2)
-    seed = hash((alpha, causal, n, dim, use_varlen, gqa, str(dtype))) % 2**31
+    # a seed per case, the same in every process (hash() of a str is salted per process: some
+    # salts drew alpha = 2 rows with a key within float32 rounding of tau, where sparsemax's
+    # gradient jumps, and the case failed one run in a few hundred)
+    seed = zlib.crc32(repr((alpha, causal, n, dim, use_varlen, gqa, str(dtype))).encode()) % 2**31
     q, k, v = (t.requires_grad_() for t in _inputs(batch, hq, hkv, n, dim, dtype, seed))
     varlen = _lengths(batch, n) if use_varlen else None
     cfg = SPEC.validate(CONFIGS[config_name])
