@@ -180,60 +180,52 @@ def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     """(out, stats (2, B*Hq, N) = (tau, 1 / sum p) or None, mask, O2 or None). The tau sweeps'
     scratch and the forward's tile lists share one buffer; the tau kernel writes every entry of
     the block mask. Without ``need_stats`` only tau is kept (no 1 / sum p). Past the scratch
-    budget, the pipeline runs per row chunk (:func:`_forward_chunked`)."""
+    budget, the stages run per row chunk (:func:`_forward_chunked`)."""
     geo = Geometry.of(q, k)
     shape, scratch_size, chunks = _forward_plan(geo, config, _SCRATCH_BUDGET_BYTES)
-    if chunks is not None:
-        return _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_stats, geo, shape,
-                                scratch_size, chunks)
     mask = torch.empty(shape, dtype=torch.int8, device=q.device)
     scratch = torch.empty(scratch_size, dtype=torch.int32, device=q.device)
-    if need_stats:
-        stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device)
-        tau_out, inv_l_out = stats[0], stats[1]
-    else:  # tau alone (solve_tau allocates it); the forward writes no 1 / sum p
-        stats = tau_out = inv_l_out = None
-    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=tau_out, geo=geo)
-    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
-                       (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
+    stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if need_stats else None
     need_o2 = need_stats and config["bwd_mode"] == "fused"
-    out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
-                                need_stats=need_stats, need_o2=need_o2, inv_l_out=inv_l_out, geo=geo)
+    if chunks is not None:
+        out, o2 = _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch,
+                                   stats, chunks)
+    else:  # without stats solve_tau allocates tau and the forward writes no 1 / sum p
+        out, o2 = _stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch,
+                          None if stats is None else stats[0], None if stats is None else stats[1])
     return out, stats, mask, o2
 
 
-def _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_stats, geo, shape, scratch_size,
-                     chunks):
-    """:func:`_forward` one row chunk at a time: each chunk's tau -> lists -> forward launches (the
-    launches memoised per chunk Geometry) write slices of the full output, stats, mask and O2, so
-    the results are those of one launch per stage; only the scratch is per chunk (one buffer,
-    reused in stream order)."""
-    device = q.device
-    mask = torch.empty(shape, dtype=torch.int8, device=device)
-    scratch = torch.empty(scratch_size, dtype=torch.int32, device=device)
-    stats = None
-    if need_stats:
-        stats = torch.empty((2, geo.rows, geo.seq_len), dtype=torch.float32, device=device)
-        tau_all = stats[0]
-    else:
-        tau_all = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=device)
-    need_o2 = need_stats and config["bwd_mode"] == "fused"
-    out = alloc(q.shape, q.dtype, device)
-    o2 = alloc(q.shape, q.dtype, device) if need_o2 else None
-    mask_tile, fwd_tile = (config["mask_m"], config["mask_n"]), (config["fwd_block_m"], config["fwd_block_n"])
+def _stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out, inv_l_out,
+            out=None, o2_out=None):
+    """tau -> tile lists -> sparse forward over the rows of q (whole, or one chunk of them), into
+    the given buffers (None: allocated; ``inv_l_out`` None: no 1 / sum p). Returns (out, O2)."""
+    tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=tau_out, geo=geo)
+    lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
+                       (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
+    out, _, o2 = sparse_forward(q, k, v, tau, lists, varlen, alpha, scale, is_causal, config,
+                                need_stats=inv_l_out is not None, need_o2=need_o2, inv_l_out=inv_l_out, geo=geo,
+                                out=out, o2_out=o2_out)
+    return out, o2
+
+
+def _forward_chunked(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, stats, chunks):
+    """:func:`_stages` one row chunk at a time (launches memoised per chunk Geometry), each writing
+    slices of the full output, stats, mask and O2, so the results are those of one launch per
+    stage; only the scratch is per chunk (one buffer, reused in stream order). Returns (out, O2)."""
+    tau_all = stats[0] if stats is not None else torch.empty((geo.rows, geo.seq_len), dtype=torch.float32,
+                                                             device=q.device)
+    out = alloc(q.shape, q.dtype, q.device)
+    o2 = alloc(q.shape, q.dtype, q.device) if need_o2 else None
     for c in chunks:
         qc, oc = q[c.b0:c.b1, c.h0:c.h1], out[c.b0:c.b1, c.h0:c.h1]
         kc, vc = k[c.b0:c.b1, c.kv0:c.kv1], v[c.b0:c.b1, c.kv0:c.kv1]
         assert qc.is_contiguous() and kc.is_contiguous() and vc.is_contiguous() and oc.is_contiguous()
-        lens = None if varlen is None else varlen[c.b0:c.b1]
-        mask_c = mask[c.r0:c.r1]
-        tau = solve_tau(qc, kc, lens, alpha, scale, is_causal, config, mask_c, scratch, out=tau_all[c.r0:c.r1],
-                        geo=c.geo)
-        lists = tile_lists(mask_c, c.geo, lens, is_causal, mask_tile, fwd_tile, transposed=False, buffer=scratch)
-        sparse_forward(qc, kc, vc, tau, lists, lens, alpha, scale, is_causal, config, need_stats=need_stats,
-                       need_o2=need_o2, inv_l_out=stats[1, c.r0:c.r1] if need_stats else None, geo=c.geo,
-                       out=oc, o2_out=o2[c.b0:c.b1, c.h0:c.h1] if need_o2 else None)
-    return out, stats, mask, o2
+        _stages(qc, kc, vc, alpha, is_causal, None if varlen is None else varlen[c.b0:c.b1], scale, config, need_o2,
+                c.geo, mask[c.r0:c.r1], scratch, tau_all[c.r0:c.r1],
+                None if stats is None else stats[1, c.r0:c.r1], out=oc,
+                o2_out=o2[c.b0:c.b1, c.h0:c.h1] if need_o2 else None)
+    return out, o2
 
 
 def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causal, config,
