@@ -17,11 +17,28 @@ launcher. ``ADASPLASH_TUNE_DIRECT_LAUNCH=0`` turns the shortcut off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["Launch", "direct_launch_enabled"]
+__all__ = ["Launch", "direct_launch_enabled", "compile_only"]
+
+_COMPILE_ONLY = [False]
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Inside: every :class:`Launch` compiles its kernel (Triton's ``warmup``: into the on-disk
+    cache, exactly as a real launch with these arguments would) and runs nothing, so outputs stay
+    unwritten. For the tuner's compile workers: they fill the cache while the device times other
+    configs, and queue no kernel beside the timing."""
+    previous = _COMPILE_ONLY[0]
+    _COMPILE_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY[0] = previous
 
 
 def direct_launch_enabled() -> bool:
@@ -46,6 +63,12 @@ class Launch:
         self._direct: dict[int, tuple | None] = {}  # (alignment, device) -> (run, function, packed, tail)
 
     def __call__(self, *tensors: Any) -> None:
+        if _COMPILE_ONLY[0] and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            kernel = self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
+            load = getattr(kernel, "_init_handles", None)
+            if load is not None:  # loading is where a kernel that needs too much shared memory fails
+                load()
+            return
         if not direct_launch_enabled():
             self.fn[self.grid](*tensors, *self.scalars, **self.meta)
             return

@@ -19,9 +19,9 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .problems import Problem
 from .timing import TimingOptions
@@ -52,8 +52,9 @@ class TrialRequest:
     timing: TimingOptions = TimingOptions()
     gate: float = 1.0  # fraction of the dtype's tolerance the errors must stay within
 
-    def payload(self, device: str, fault: str | None, compile_only: bool = False) -> dict[str, Any]:
-        return {
+    def payload(self, device: str, fault: str | None, compile_only: bool = False,
+                setup_only: bool = False) -> dict[str, Any]:
+        return {"setup_only": setup_only,
             "problem": self.problem.to_dict(), "backend": self.backend, "config": dict(self.config),
             "extras": dict(self.extras), "backward": self.backward, "seed": self.seed,
             "time_if_inaccurate": self.time_if_inaccurate, "timing": self.timing.to_dict(), "gate": self.gate,
@@ -75,6 +76,8 @@ class TrialResult:
     grad_error: float | None = None
     reps: int = 0
     wall_s: float = 0.0
+    #: Seconds per step inside the worker (``tuner.worker.PHASES``); empty when it never ran.
+    phases: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +97,9 @@ class TrialResult:
         return self.fwd_spread_ms + (self.bwd_spread_ms or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["phases"] = dict(self.phases)
+        return out
 
     @staticmethod
     def from_payload(data: Mapping[str, Any]) -> "TrialResult":
@@ -211,12 +216,34 @@ class Evaluator:
         self._pool: list[_Worker] = []
         self._state: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._timer_lock = threading.Lock()  # one request at a time on the timing worker's pipe
 
     # ------------------------------------------------------------------ serial timing
 
     def evaluate(self, request: TrialRequest) -> TrialResult:
         """Check and time one config (serially, on the device)."""
-        payload = request.payload(self.device, self.fault)
+        with self._timer_lock:
+            return self._evaluate(request.payload(self.device, self.fault), request)
+
+    def prepare_problem(self, request: TrialRequest) -> None:
+        """Start building ``request``'s inputs and fp64 oracle in the timing worker, in the
+        background (while the compile workers compile the first batch); the next ``evaluate``
+        waits for it. Failures are left for that trial to report."""
+        if self.in_process:
+            return
+        self._timer_lock.acquire()
+
+        def build() -> None:
+            try:
+                self._evaluate(request.payload(self.device, self.fault, setup_only=True), request)
+            except Exception as exc:  # noqa: BLE001 - the first real trial meets the same problem
+                log.debug("building the problem ahead failed: %s", exc)
+            finally:
+                self._timer_lock.release()
+
+        threading.Thread(target=build, name="adasplash-tune-setup", daemon=True).start()
+
+    def _evaluate(self, payload: Mapping[str, Any], request: TrialRequest) -> TrialResult:
         if self.in_process:
             return TrialResult.from_payload(run_trial(payload, self._state))
         if self._timer is None or not self._timer.alive:
@@ -241,6 +268,21 @@ class Evaluator:
             return [TrialResult("ok", "not precompiled") for _ in requests]
         with ThreadPoolExecutor(max_workers=self.compile_workers) as pool:
             return list(pool.map(self._compile_one, requests))
+
+    def compile_stream(self, requests: Sequence[TrialRequest]) -> Iterator[tuple[int, TrialResult]]:
+        """Like :meth:`compile`, but yields ``(index, result)`` as each request finishes compiling,
+        so that the caller times the first ones while the rest still compile (compile workers run
+        no kernel: ``kernels.launch.compile_only``)."""
+        if self.compile_workers == 0 or self.in_process or not requests:
+            yield from ((i, TrialResult("ok", "not precompiled")) for i in range(len(requests)))
+            return
+        pool = ThreadPoolExecutor(max_workers=self.compile_workers)
+        try:
+            futures = {pool.submit(self._compile_one, r): i for i, r in enumerate(requests)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _compile_one(self, request: TrialRequest) -> TrialResult:
         with self._lock:
@@ -326,6 +368,12 @@ class EvaluatorPool:
 
     def compile(self, requests: Sequence[TrialRequest]) -> list[TrialResult]:
         return self.evaluators[0].compile(requests)
+
+    def compile_stream(self, requests: Sequence[TrialRequest]) -> Iterator[tuple[int, TrialResult]]:
+        first = self.evaluators[0]
+        if hasattr(first, "compile_stream"):
+            return first.compile_stream(requests)
+        return iter(enumerate(first.compile(requests)))
 
     def _run(self, request: TrialRequest) -> TrialResult:
         index = self._free.get()

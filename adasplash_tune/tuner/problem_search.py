@@ -16,9 +16,10 @@ front, with the launch knobs held at the cached (or default) config.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .cache_writer import CacheWriter
 from .duel import DUEL_SHARE, confirm_winner
@@ -54,6 +55,17 @@ class _Trials:
         self.evaluator = evaluator
         self.workers = int(getattr(evaluator, "capacity", 1))
         self.compile_workers = int(getattr(evaluator, "compile_workers", 0))
+        self.phases: dict[str, float] = {}  # where the problem's trial time went (``ProblemResult.phases``)
+        self._lock = threading.Lock()  # results of several devices arrive in pool threads
+        self._set_up = False  # the timing worker was asked to build the problem's oracle ahead
+
+    def _account(self, prefix: str, result: TrialResult, wall_s: float | None = None) -> TrialResult:
+        with self._lock:
+            for name, seconds in result.phases.items():
+                self.phases[prefix + name] = self.phases.get(prefix + name, 0.0) + float(seconds)
+            if wall_s is not None:
+                self.phases[prefix + "wall"] = self.phases.get(prefix + "wall", 0.0) + wall_s
+        return result
 
     def request(self, values: Mapping[str, Any]) -> TrialRequest:
         s = self.settings
@@ -65,14 +77,36 @@ class _Trials:
                             timing=s.options.timing, gate=s.options.accuracy_headroom if lowered else 1.0)
 
     def evaluate(self, values: Mapping[str, Any]) -> Outcome:
-        return outcome_of(self.evaluator.evaluate(self.request(values)))
+        start = time.perf_counter()
+        result = self.evaluator.evaluate(self.request(values))
+        return outcome_of(self._account("trial_", result, time.perf_counter() - start))
 
-    def prepare(self, batch: Sequence[Mapping[str, Any]]) -> list[Outcome | None]:
-        compiled = self.evaluator.compile([self.request(v) for v in batch])
-        return [None if r.ok else outcome_of(r) for r in compiled]
+    def prepare(self, batch: Sequence[Mapping[str, Any]]) -> Iterator[tuple[int, Outcome | None]]:
+        """Compile ``batch`` in the compile workers; yields ``(index, None)`` (compiled) or
+        ``(index, failure)`` as each finishes, so its trials are timed while the rest compile.
+        The first batch of a problem also has the timing worker build the inputs and the oracle
+        meanwhile."""
+        requests = [self.request(v) for v in batch]
+        if not self._set_up and requests and hasattr(self.evaluator, "prepare_problem"):
+            self.evaluator.prepare_problem(requests[0])
+        self._set_up = True
+        stream = getattr(self.evaluator, "compile_stream", None)
+        pairs = stream(requests) if stream is not None else enumerate(self.evaluator.compile(requests))
+        start = time.perf_counter()
+        try:
+            for index, result in pairs:
+                self._account("compile_", result)
+                with self._lock:
+                    self.phases["compile_wall"] = self.phases.get("compile_wall", 0.0) + time.perf_counter() - start
+                yield index, (None if result.ok else outcome_of(result))
+                start = time.perf_counter()
+        finally:
+            close = getattr(pairs, "close", None)
+            if close is not None:
+                close()
 
     def submit(self, values: Mapping[str, Any]) -> "Future[Outcome]":
-        return _then(self.evaluator.submit(self.request(values)), outcome_of)
+        return _then(self.evaluator.submit(self.request(values)), lambda r: outcome_of(self._account("trial_", r)))
 
 
 def _then(future: "Future[TrialResult]", convert: Callable[[TrialResult], Outcome]) -> "Future[Outcome]":
@@ -177,6 +211,7 @@ class ProblemSearch:
             result.grad_error = outcome.attrs.get("grad_error")
             result.stored = self.writer.wrote(problem) and self.writer.holds(problem, space, best)
         result.wall_s = time.monotonic() - t0
+        result.phases = {name: round(seconds, 4) for name, seconds in sorted(trials.phases.items())}
         if self.progress is not None:  # the problem's last event: its outcome
             self.progress(ProgressEvent(index + 1, self.problems, problem.label(), "done", result.trials,
                                         sum(budgets) if budgets else result.trials, result.time_ms, result.status))

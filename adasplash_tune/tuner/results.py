@@ -53,6 +53,11 @@ class ProblemResult:
     front: list[dict[str, Any]] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)
     wall_s: float = 0.0
+    #: Seconds this run spent, summed over the problem's trials: ``trial_<phase>`` inside the timing
+    #: worker (``tuner.worker.PHASES``) and ``trial_wall`` around each serial trial (worker hops
+    #: included), ``compile_<phase>`` inside compile workers and ``compile_wall`` waiting for them.
+    #: ``wall_s`` minus these is the search's own time (Optuna, storage, cache writes).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:

@@ -27,10 +27,10 @@ import math
 import time
 import uuid
 import warnings
-from collections import Counter
+from collections import Counter, abc
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .lost_trials import OWNER, Heartbeats, fail_stale, left_behind, owner_record
 from .outcome import Outcome, TraceRow
@@ -74,7 +74,14 @@ class StageResult:
         return sum(self.failure_kinds.values())
 
 
-PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Sequence["Outcome | None"]]
+#: Compiles a batch: per point None (compiled) or a failure Outcome, either as a list in batch order
+#: or as ``(index, outcome)`` pairs in the order the points finish compiling.
+PrepareFn = Callable[[Sequence[Mapping[str, Any]]], "Sequence[Outcome | None] | Iterator[tuple[int, Outcome | None]]"]
+
+
+def _indexed(prepared: Any) -> Iterator[tuple[int, Any]]:
+    """``(index, outcome)`` pairs of what a PrepareFn returned."""
+    return iter(enumerate(prepared)) if isinstance(prepared, abc.Sequence) else iter(prepared)
 SubmitFn = Callable[[Mapping[str, Any]], "Future[Outcome]"]
 
 
@@ -427,11 +434,19 @@ class StageSearch:
                     return dry
                 time.sleep(POLL_S)  # the rest of the budget is running elsewhere: wait for it
                 continue
-            prepared: Sequence[Outcome | None] = [None] * len(picked)
-            if self.prepare is not None:
-                prepared = self.prepare([values for _, values in picked])
-            for (trial, values), failure in zip(picked, prepared):
-                self._finish(trial, values, failure if failure is not None else self.evaluate(values))
+            pairs = _indexed([None] * len(picked) if self.prepare is None
+                             else self.prepare([values for _, values in picked]))
+            done: set[int] = set()
+            try:
+                for index, failure in pairs:  # timed as each finishes compiling
+                    trial, values = picked[index]
+                    done.add(index)
+                    self._finish(trial, values, failure if failure is not None else self.evaluate(values))
+            finally:
+                getattr(pairs, "close", lambda: None)()
+            for index in sorted(set(range(len(picked))) - done):  # a stream that gave out early
+                trial, values = picked[index]
+                self._finish(trial, values, self.evaluate(values))
         return False
 
     def _run_concurrent(self) -> bool:
@@ -447,9 +462,10 @@ class StageSearch:
             if not dry and room > 0 and self._time_left():
                 picked, dry = self._ask_batch(room)
                 asked = bool(picked)
-                prepared: Sequence[Outcome | None] = [None] * len(picked)
+                prepared: list[Outcome | None] = [None] * len(picked)
                 if self.prepare is not None and picked:
-                    prepared = self.prepare([values for _, values in picked])
+                    for index, failure in _indexed(self.prepare([values for _, values in picked])):
+                        prepared[index] = failure
                 for (trial, values), failure in zip(picked, prepared):
                     if failure is not None:
                         self._finish(trial, values, failure)

@@ -8,10 +8,15 @@ not the dispatch (which, for a 0.1 ms kernel or a small forward+backward step, w
 most of the reading and hide the differences between configs). The dispatch time itself is
 reported as ``host_ms``: a call is host-bound when it exceeds ``median_ms``.
 CPU: ``perf_counter``.
+
+Reps run in rounds; after each round the reading stops early once it is stable: the median's
+95% interval (the box plot's notch, +-1.57 IQR / sqrt(reps)) within ``stable`` of the median
+(``TimingOptions.stable``; 0 runs every rep the budget allows).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,10 +47,34 @@ class TimingOptions:
     rep_ms: float = 100.0
     min_reps: int = 5
     max_reps: int = 500
+    #: Stop once the median's 95% interval is within this fraction of it (checked every
+    #: ``ROUND_REPS`` reps, from ``2 * ROUND_REPS`` on); 0: every rep of the ``rep_ms`` budget.
+    stable: float = 0.005
 
     def to_dict(self) -> dict[str, float]:
         return {"warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms, "min_reps": self.min_reps,
-                "max_reps": self.max_reps}
+                "max_reps": self.max_reps, "stable": self.stable}
+
+
+#: Reps per round between stability checks.
+ROUND_REPS = 10
+
+
+def is_stable(times: list[float], stable: float) -> bool:
+    """Whether the median of ``times`` is known to within ``stable`` (relative, 95% notch)."""
+    if stable <= 0 or len(times) < 2 * ROUND_REPS:
+        return False
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return median > 0 and 1.57 * (q3 - q1) / math.sqrt(len(times)) <= stable * median
+
+
+def _rounds(n: int, min_reps: int) -> list[int]:
+    """Rep counts of the rounds that make up ``n`` reps (the first at least ``min_reps``)."""
+    first = min(n, max(min_reps, 2 * ROUND_REPS))
+    sizes = [first]
+    while sum(sizes) < n:
+        sizes.append(min(ROUND_REPS, n - sum(sizes)))
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -79,11 +108,14 @@ def _measure_cpu(fn: Callable[[], object], opts: TimingOptions) -> Timing:
         fn()
         estimate = (time.perf_counter() - start) * 1e3
         calls += 1
-    times = []
-    for _ in range(_reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times: list[float] = []
+    for size in _rounds(_reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps), opts.min_reps):
+        for _ in range(size):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        if is_stable(times, opts.stable):
+            break
     return _summary(times)
 
 
@@ -113,17 +145,21 @@ def _measure_cuda(fn: Callable[[], object], device, opts: TimingOptions) -> Timi
     spin = _spin_cycles(host_ms)
     for _ in range(_reps(estimate, opts.warmup_ms, 1, opts.max_reps)):
         fn()
-    n = _reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        torch.cuda._sleep(spin)
-        flush.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    timing = _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    times: list[float] = []
+    for size in _rounds(_reps(estimate, opts.rep_ms, opts.min_reps, opts.max_reps), opts.min_reps):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(size)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(size)]
+        for i in range(size):
+            torch.cuda._sleep(spin)
+            flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times += [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        if is_stable(times, opts.stable):
+            break
+    timing = _summary(times)
     return Timing(timing.median_ms, timing.spread_ms, timing.reps, host_ms)
 
 

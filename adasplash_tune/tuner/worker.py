@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any, Mapping
 
-__all__ = ["run_trial", "worker_main", "classify", "parse_faults", "matching_fault", "FAULT_ENV"]
+__all__ = ["run_trial", "worker_main", "classify", "parse_faults", "matching_fault", "FAULT_ENV", "PHASES"]
 
 log = logging.getLogger("adasplash_tune")
 
@@ -129,7 +129,8 @@ def classify(exc: BaseException) -> tuple[str, bool]:
 
 def _result(status: str, detail: str = "", **values: Any) -> dict[str, Any]:
     out = {"status": status, "detail": detail, "fwd_ms": None, "fwd_spread_ms": None, "bwd_ms": None,
-           "bwd_spread_ms": None, "error": None, "grad_error": None, "poisoned": False, "reps": 0}
+           "bwd_spread_ms": None, "error": None, "grad_error": None, "poisoned": False, "reps": 0,
+           "phases": {}}
     out.update(values)
     return out
 
@@ -146,7 +147,8 @@ def _problem_state(req: Mapping[str, Any], state: dict[str, Any], problem) -> di
     return state
 
 
-def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
+    """One trial; ``phases`` receives the seconds spent in each step (see :data:`PHASES`)."""
     import torch
 
     from ..kernels.reference import relative_error, tolerance
@@ -155,12 +157,19 @@ def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     from .timing import TimingOptions, measure
 
     problem = problem_from_dict(req["problem"])
+    if req.get("setup_only"):  # the problem's inputs and oracle, ahead of its first trial
+        clock = time.perf_counter()
+        _problem_state(req, state, problem)
+        _lap(phases, "setup_ahead", clock)
+        return _result("ok", "inputs and oracle built")
     backend = req["backend"]
     config = get_spec(problem.kernel, backend).validate(req["config"]).as_dict()
     action = matching_fault(req.get("fault"), {**config, **req.get("extras", {})})
     if action is not None:
         _inject(action, req["device"])
+    clock = time.perf_counter()
     ps = _problem_state(req, state, problem)
+    clock = _lap(phases, "setup", clock)
     inputs, backward = ps["inputs"], bool(req["backward"])
     leaves = problem.grad_inputs(inputs)
 
@@ -172,8 +181,20 @@ def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         with torch.enable_grad():
             return problem.run(inputs, backend, config)
 
+    if req.get("compile_only") and backend == "triton":
+        from ..kernels.launch import compile_only
+
+        with compile_only():  # fill Triton's cache; queue no kernel beside the timer's
+            out = forward_graph() if backward else forward()
+            if backward:
+                torch.autograd.grad(out, leaves, inputs["grad"])
+        _lap(phases, "first_call", clock)
+        return _result("ok", "compiled")
     out = forward_graph() if backward else forward()
     grads = torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True) if backward else None
+    if str(req["device"]).startswith("cuda"):
+        torch.cuda.synchronize(req["device"])
+    clock = _lap(phases, "first_call", clock)
     if req.get("compile_only"):
         return _result("ok", "compiled")
 
@@ -193,7 +214,9 @@ def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         detail = (f"relative error {error:.3g} (gate {fwd_tol:.2g})" if not fwd_ok else
                   f"gradient relative error {grad_error:.3g} (gate {grad_tol:.2g})")
         if not req.get("time_if_inaccurate"):
+            _lap(phases, "check", clock)
             return _result("accuracy", detail, **values)
+    clock = _lap(phases, "check", clock)
 
     options = TimingOptions(**req.get("timing", {}))
     fwd_fn = forward_graph if backward else forward
@@ -204,15 +227,29 @@ def _run(req: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         bwd = measure(lambda: torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True),
                       req["device"], options)
         values.update(bwd_ms=bwd.median_ms, bwd_spread_ms=bwd.spread_ms)
+    _lap(phases, "timing", clock)
     return _result("ok" if gate else "accuracy", detail, **values)
+
+
+#: The steps of a trial whose seconds a result reports under ``phases``: ``setup`` (inputs and the
+#: fp64 oracle, built once per problem), ``first_call`` (the first run: Triton compiles or loads
+#: the kernels here), ``check`` (errors against the oracle), ``timing`` (the timed reps).
+PHASES = ("setup", "first_call", "check", "timing")
+
+
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    phases[name] = phases.get(name, 0.0) + (now - since)
+    return now
 
 
 def run_trial(req: Mapping[str, Any], state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one trial request; never raises (failures come back as a typed status)."""
     state = {} if state is None else state
     start = time.perf_counter()
+    phases: dict[str, float] = {}
     try:
-        result = _run(req, state)
+        result = _run(req, state, phases)
     except Exception as exc:  # every failure of a trial is data for the tuner
         status, poisoned = classify(exc)
         detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -221,6 +258,7 @@ def run_trial(req: Mapping[str, Any], state: dict[str, Any] | None = None) -> di
             state.clear()  # inputs may be in a bad state after an OOM; rebuild next time
             _empty_cache(req.get("device", "cpu"))
     result["wall_s"] = time.perf_counter() - start
+    result["phases"] = phases
     return result
 
 

@@ -144,3 +144,54 @@ def test_hook_chains_count_only_when_they_hold_hooks():
     assert not launch_mod._hook_active(SimpleNamespace(calls=[]))
     assert launch_mod._hook_active(SimpleNamespace(calls=[print]))
     assert launch_mod._hook_active(print)  # an older Triton's plain callable
+
+
+def test_compile_only_warms_up_and_launches_nothing(direct):
+    fn = _FakeJit()
+    warmups = []
+
+    class _Warm:
+        def __init__(self):
+            self.loaded = False
+
+        def _init_handles(self):
+            self.loaded = True
+
+    def warmup(*args, grid, **meta):
+        warmups.append((grid, args, meta))
+        return kernel
+
+    kernel = _Warm()
+    fn.warmup = warmup
+    x = torch.zeros(4)
+    plan = Launch(fn, (2,), (4, 0.5), {"BM": 16, "num_warps": 4})
+    with launch_mod.compile_only():
+        plan(x)
+    assert warmups == [((2,), (x, 4, 0.5), {"BM": 16, "num_warps": 4})]
+    assert kernel.loaded  # loading is what rejects a kernel needing too much shared memory
+    assert fn.log == []  # neither Triton's launch path nor the direct one ran
+    plan(x)  # outside the context: a real launch again
+    assert [entry[0] for entry in fn.log] == ["triton"]
+
+
+@pytest.mark.gpu
+def test_gpu_compile_only_compiles_without_running():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; run `pytest -m gpu` on the GPU machine")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fill(X, N, VALUE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(X + offs, tl.full((BLOCK,), VALUE, tl.float32), mask=offs < N)
+
+    x = torch.zeros(100, device="cuda")
+    plan = Launch(_fill, (2,), (100,), {"VALUE": 3.0, "BLOCK": 64})
+    with launch_mod.compile_only():
+        plan(x)
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(x).item() == 0  # compiled, nothing ran
+    plan(x)
+    torch.cuda.synchronize()
+    assert torch.all(x == 3.0)

@@ -255,3 +255,45 @@ def test_a_saved_verdict_is_stored_again_when_the_cache_lost_it(store, storage_u
     assert again.calls == [] and second.stored
     assert entry.config == first.config and entry.time_ms == first.time_ms == second.time_ms
     assert entry.provenance["confirmed_runs"] == 2
+
+
+class _StreamingTable(TableEvaluator):
+    """Compiles a batch and hands the results back last-first (as parallel compiles finish out
+    of order); records whether the problem was prepared ahead and what each trial saw."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepared_ahead = []
+        self.order = []
+
+    def prepare_problem(self, request):
+        self.prepared_ahead.append(request.problem)
+
+    def compile_stream(self, requests):
+        results = self.compile(requests)
+        for index in reversed(range(len(results))):
+            self.order.append(("compiled", index))
+            yield index, results[index]
+
+    def evaluate(self, request):
+        self.order.append(("timed", dict(request.config)))
+        return super().evaluate(request)
+
+
+def test_trials_are_timed_as_their_compiles_finish_and_the_oracle_is_built_ahead(store, storage_url):
+    evaluator = _StreamingTable(log2_bowl(CENTRE), compile_workers=3,
+                                compile_fail=lambda c: c["tau_block_m"] == 32 and c["tau_block_n"] == 128)
+    job, _ = _triton_job(store, storage_url, evaluator, trials=24)
+    [result] = job.run()
+    assert result.status == "tuned" and result.trials == 24
+    assert evaluator.prepared_ahead == [PROBLEM]  # once per problem, before its first batch
+    # each compiled point is timed right after its own compile finished, before the next one
+    kinds = [kind for kind, _ in evaluator.order]
+    assert kinds[0] == "compiled" and "timed" in kinds
+    first_timed = kinds.index("timed")
+    assert kinds[first_timed - 1] == "compiled" and kinds[first_timed + 1] == "compiled"
+    # compile failures were told, never timed; every asked trial was told exactly once
+    assert not any(c["tau_block_m"] == 32 and c["tau_block_n"] == 128 for c in evaluator.calls)
+    assert result.evaluated == 24
+    phases = result.phases
+    assert "compile_wall" in phases and phases["compile_wall"] >= 0
