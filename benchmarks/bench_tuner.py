@@ -39,6 +39,30 @@ log = logging.getLogger("bench_tuner")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _throughput_problem(smoke: bool) -> Any:
+    """The issue's throughput problem: (4,16,4096,64) non-causal, alpha 1.5, bf16, fwd+bwd."""
+    from adasplash_tune.tuner.problems import AttentionProblem
+
+    if smoke:
+        return AttentionProblem(1, 2, 2, 96, 32, 1.5, False, "float32")
+    return AttentionProblem(4, 16, 16, 4096, 64, 1.5, False, "bfloat16")
+
+
+def breakdown(run: dict[str, Any]) -> dict[str, float]:
+    """Seconds per trial of a run, by where they went: compiling ahead (waiting for the compile
+    workers), the timing worker's steps (``first_call`` = compile or load + first run, ``check``,
+    ``timing``, ``setup`` = inputs and oracle), its process hop, and the search itself."""
+    phases, trials = run.get("phases") or {}, max(1, run["trials"])
+    parts = {"compile_ahead": phases.get("compile_wall", 0.0)}
+    for name in ("setup", "first_call", "check", "timing"):
+        parts[name] = phases.get(f"trial_{name}", 0.0)
+    inside = sum(phases.get(f"trial_{n}", 0.0) for n in ("setup", "first_call", "check", "timing"))
+    parts["worker_hop"] = max(0.0, phases.get("trial_wall", 0.0) - inside)
+    parts["search"] = max(0.0, run.get("search_wall_s", run["wall_s"]) - parts["compile_ahead"]
+                          - phases.get("trial_wall", 0.0))
+    return {name: round(seconds / trials, 4) for name, seconds in parts.items()}
+
+
 def _problems(smoke: bool) -> list[Any]:
     from adasplash_tune.tuner.problems import AttentionProblem
 
@@ -89,6 +113,7 @@ def _run(problem: Any, backend: str, device: str, strategy: str, trials: int, re
         "trials_per_min": 60.0 * result.trials / wall if wall > 0 else None,
         "best_ms": result.time_ms, "default_ms": result.default_ms, "config": result.config,
         "curve": [[row.index, row.best] for row in result.trace],
+        "phases": dict(result.phases), "search_wall_s": result.wall_s,
     }
 
 
@@ -186,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="random/TPE budget as a fraction of the exhaustive trial count")
     parser.add_argument("--throughput-trials", type=int, default=None, help="trials of the compile-throughput runs")
     parser.add_argument("--compile-workers", type=int, default=None, help="parallel compile processes (GPU)")
+    parser.add_argument("--throughput-workers", default=None,
+                        help="compile-worker counts of the throughput runs (default: 0 and --compile-workers)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the throughput runs, on the (4,16,4096,64) fwd+bwd problem")
+    parser.add_argument("--no-throughput", action="store_true", help="only the quality study")
     parser.add_argument("--max-problems", type=int, default=None, help="study only the first N problems")
     parser.add_argument("--problems", default=None, help="study only these problems (0-based indices, e.g. 0,2)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -222,13 +252,21 @@ def main(argv: list[str] | None = None) -> int:
             problems = [problems[int(i)] for i in args.problems.split(",")]
         except (ValueError, IndexError):
             parser.error(f"--problems takes indices 0..{len(problems) - 1}, got {args.problems!r}")
-    for problem in problems:
+    counts = ([int(c) for c in args.throughput_workers.split(",")] if args.throughput_workers
+              else [0, workers])
+
+    def bounded_space(problem: Any) -> tuple[Any, dict, int]:
         space = build_space("adasplash", backend, target=target_of(backend, fp),
                             context={**problem.context(), **device_context(fp)})
         restrict = bounded_choices(space, limit)
         bounded = space.restrict(restrict)
         exhaustive = sum(len(list(bounded.iter_valid(bounded.free_names(bounded.stage_names(s)),
                                                      bounded.default_values()))) for s in bounded.stages)
+        report["objective"] = "fwd+bwd" if "bwd" in space.stages else "fwd"
+        return space, restrict, exhaustive
+
+    for problem in ([] if args.throughput_only else problems):
+        space, restrict, exhaustive = bounded_space(problem)
         budget = max(2, int(round(args.fraction * exhaustive)))
         report["problems"].append({"label": problem.label(), "problem": problem.to_dict(),
                                    "bounded": {k: list(v) for k, v in restrict.items()},
@@ -238,15 +276,19 @@ def main(argv: list[str] | None = None) -> int:
             run = _run(problem, backend, device, strategy, trials, restrict, compile_workers=0,
                        seed=args.seed, fresh_triton_cache=False)
             report["quality"].append(run)
-            report["objective"] = "fwd+bwd" if "bwd" in space.stages else "fwd"
             log.info("  best %.4g ms after %d trials, %.1f trials/min", run["best_ms"] or float("nan"),
                      run["trials"], run["trials_per_min"] or 0.0)
+    if not args.no_throughput:
+        problem = _throughput_problem(smoke)
+        _, restrict, exhaustive = bounded_space(problem)
         n = args.throughput_trials or min(exhaustive, 8 if smoke else 24)
-        for cw in (0, workers):
+        for cw in counts:
             run = _run(problem, backend, device, "random", n, restrict, compile_workers=cw, seed=args.seed + 1,
                        fresh_triton_cache=True)
+            run["per_trial_s"] = breakdown(run)
             report["throughput"].append(run)
-            log.info("%s: %d compile workers: %.1f trials/min", problem.label(), cw, run["trials_per_min"] or 0.0)
+            log.info("%s: %d compile workers: %.1f trials/min; seconds per trial %s", problem.label(), cw,
+                     run["trials_per_min"] or 0.0, run["per_trial_s"])
     slug = args.name or re.sub(r"[^a-z0-9]+", "-", fp.name.lower()).strip("-") + ("-cpu-smoke" if smoke else "")
     _write(report, args.out, slug)
     return 0

@@ -77,6 +77,15 @@ def test_cpu_smoke_runs_one_selected_problem(tmp_path):
     grid = next(r for r in report["quality"] if r["strategy"] == "grid")
     assert grid["trials"] == report["problems"][0]["exhaustive_trials"]
     assert all(r["best_ms"] > 0 for r in report["quality"])
+    # throughput runs (0 and 2 compile workers) say where each trial's seconds went
+    assert [r["compile_workers"] for r in report["throughput"]] == [0, 2]
+    for run in report["throughput"]:
+        parts = run["per_trial_s"]
+        assert set(parts) == {"compile_ahead", "setup", "first_call", "check", "timing", "worker_hop", "search"}
+        assert parts["timing"] > 0 and all(v >= 0 for v in parts.values())
+        assert sum(parts.values()) * run["trials"] <= run["wall_s"] * 1.05
+    assert report["throughput"][0]["per_trial_s"]["compile_ahead"] == 0
+    assert report["throughput"][1]["per_trial_s"]["compile_ahead"] > 0
 
 
 def test_bad_problem_index_is_a_usage_error(tmp_path):
