@@ -243,7 +243,8 @@ class _Progress:
               help="Tune the problems in an ADASPLASH_TUNE_RECORD file, most frequent first.")
 @click.option("--inputs", "inputs_spec", default=None, metavar="SPEC",
               help="adasplash: what trials are timed and accuracy-gated on: randn, randn:S (q x S), local:S "
-              "(sink + local band, sparser as S grows) or recorded (the samples an "
+              "(sink + local band, sparser as S grows), a mix of those joined by + (each trial timed on every "
+              "family, geometric mean: e.g. randn+randn:16+local:2), or recorded (the samples an "
               "ADASPLASH_TUNE_RECORD_SAMPLES run saved; with --from-record). Default: randn, or with "
               "--from-record each problem's recorded sample when it has one.")
 @click.option("--gpus", callback=_gpu_list, help="GPU indices, comma list: one evaluation worker per GPU (several "
@@ -335,7 +336,7 @@ def _with_inputs(problems: list[Any], kernel: str, spec: str | None, from_record
     """The problems on the inputs ``--inputs`` names (None: as built, recorded samples included)."""
     from dataclasses import replace
 
-    from ..tuner.inputs import parse_inputs
+    from ..tuner.inputs import split_inputs
 
     if spec is None:
         return problems
@@ -352,7 +353,7 @@ def _with_inputs(problems: list[Any], kernel: str, spec: str | None, from_record
                         len(problems) - len(kept), len(problems))
         return kept
     try:
-        parse_inputs(spec)
+        split_inputs(spec)
     except ValueError as exc:
         raise click.UsageError(f"--inputs: {exc}") from None
     return [replace(p, inputs=spec) for p in problems]

@@ -10,7 +10,10 @@ products visit), so the tuner can tune on more than white noise. An input spec i
   sink axis e; k_0 = e, k_j = w_j, q_i = S (e + w_i), both times D^(1/4), so large scores cluster on
   the diagonal band and the sink column (sparser as S grows);
 * ``recorded:PATH`` -- a sample of a real call's q, k, v saved with ``ADASPLASH_TUNE_RECORD_SAMPLES``
-  (:mod:`adasplash_tune.cache.samples`), tiled over batch and heads to the problem's shape.
+  (:mod:`adasplash_tune.cache.samples`), tiled over batch and heads to the problem's shape;
+* a mix of synthetic families joined by ``+`` (``randn+randn:16+local:2``): every trial is checked
+  on each and timed on each, and its time is the geometric mean, so the winner is the config
+  that is fast across sparsity, not only on one family.
 
 v and the output gradient are randn in every family.
 """
@@ -21,10 +24,28 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["FAMILIES", "parse_inputs", "inputs_label", "synthetic_inputs", "recorded_inputs", "smoothed_noise"]
+__all__ = ["FAMILIES", "MIX", "parse_inputs", "split_inputs", "inputs_label", "synthetic_inputs", "recorded_inputs", "smoothed_noise"]
 
 #: The synthetic families; ``recorded:PATH`` is the other kind of spec.
 FAMILIES = ("randn", "local")
+
+#: Joins the synthetic families of a mix.
+MIX = "+"
+
+
+def split_inputs(spec: str) -> list[str]:
+    """The single specs of ``spec``: the parts of a mix (``randn+local:2``), else ``[spec]``.
+    Every part is checked; a mix takes synthetic families only, each once. ValueError otherwise."""
+    if not isinstance(spec, str) or not spec.startswith("recorded:") and MIX in spec:
+        parts = spec.split(MIX) if isinstance(spec, str) else [spec]
+        for part in parts:
+            if parse_inputs(part)[0] == "recorded":
+                raise ValueError(f"inputs {spec!r}: a mix takes synthetic families only, not a recorded sample")
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"inputs {spec!r}: a family appears twice in the mix")
+        return parts
+    parse_inputs(spec)
+    return [spec]
 
 
 def parse_inputs(spec: str) -> tuple[str, Any]:
@@ -54,6 +75,8 @@ def parse_inputs(spec: str) -> tuple[str, Any]:
 
 def inputs_label(spec: str) -> str:
     """A short name for tables and provenance: the spec, with a recorded sample's file name only."""
+    if len(split_inputs(spec)) > 1:
+        return spec
     family, value = parse_inputs(spec)
     return f"recorded:{Path(value).name}" if family == "recorded" else spec
 

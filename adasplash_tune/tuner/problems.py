@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 from ..kernels.problem import DTYPE_NAMES, attention_key, entmax_key
-from .inputs import inputs_label, parse_inputs, recorded_inputs, synthetic_inputs
+from .inputs import inputs_label, parse_inputs, recorded_inputs, split_inputs, synthetic_inputs
 
 __all__ = [
     "AttentionProblem", "EntmaxProblem", "Problem", "problem_from_dict", "problems_from_record",
@@ -74,8 +74,9 @@ class AttentionProblem:
     causal: bool = False
     dtype: str = "float32"
     varlen: bool = False
-    #: What the tuner times and gates on (:mod:`.inputs`): "randn", "randn:S", "local:S" or
-    #: "recorded:FILE". Not part of the problem key: it is the entry's provenance.
+    #: What the tuner times and gates on (:mod:`.inputs`): "randn", "randn:S", "local:S",
+    #: "recorded:FILE" or a mix "randn+local:2". Not part of the problem key: it is the entry's
+    #: provenance.
     inputs: str = "randn"
 
     kernel = "adasplash"
@@ -91,7 +92,12 @@ class AttentionProblem:
             raise ValueError(f"head_dim must be in 16..256, got {self.head_dim}")
         _check_alpha(self.alpha)
         dtype_bytes(self.dtype)
-        parse_inputs(self.inputs)
+        split_inputs(self.inputs)
+
+    def parts(self) -> list["AttentionProblem"]:
+        """This problem once per input family of its mix (itself when it has one family)."""
+        specs = split_inputs(self.inputs)
+        return [self] if len(specs) == 1 else [replace(self, inputs=spec) for spec in specs]
 
     def key(self, backend: str) -> dict[str, Any]:
         return attention_key(
@@ -122,6 +128,8 @@ class AttentionProblem:
         lengths (a recorded sample's own when it has them) and a randn output gradient."""
         import torch
 
+        if len(split_inputs(self.inputs)) > 1:
+            raise ValueError(f"inputs {self.inputs!r} is a mix: make each part's inputs (parts())")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         dt = _torch_dtype(self.dtype)
         shape_q = (self.batch, self.heads, self.seq_len, self.head_dim)
@@ -372,7 +380,7 @@ def problem_for_entry(entry: Any) -> Problem:
 
 def _inputs_available(problem: Problem) -> Problem:
     """``problem``, on randn inputs instead when its recorded sample file is gone (logged)."""
-    if isinstance(problem, AttentionProblem):
+    if isinstance(problem, AttentionProblem) and len(split_inputs(problem.inputs)) == 1:
         family, value = parse_inputs(problem.inputs)
         if family == "recorded" and not Path(value).is_file():
             log.warning("recorded sample %s is gone; using randn inputs for %s", value, problem.label())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Mapping
@@ -135,20 +136,33 @@ def _result(status: str, detail: str = "", **values: Any) -> dict[str, Any]:
     return out
 
 
-def _problem_state(req: Mapping[str, Any], state: dict[str, Any], problem) -> dict[str, Any]:
-    """Inputs and oracle for the request's problem, built once per (problem, seed, device, mode)."""
+def _problem_states(req: Mapping[str, Any], state: dict[str, Any], problem) -> list[dict[str, Any]]:
+    """Inputs and oracle of each part of the request's problem (one part, or one per input family
+    of a mix), built once per (problem, seed, device, mode)."""
     ident = json.dumps([req["problem"], req["seed"], req["device"], req["backward"]], sort_keys=True)
     if state.get("ident") != ident:
         state.clear()
-        inputs = problem.make_inputs(req["device"], int(req["seed"]), requires_grad=bool(req["backward"]))
-        state.update(ident=ident, inputs=inputs, reference=None)
-    if state["reference"] is None and not req.get("compile_only"):
-        state["reference"] = problem.reference(state["inputs"], with_grad=bool(req["backward"]))
-    return state
+        parts = problem.parts() if hasattr(problem, "parts") else [problem]
+        state.update(ident=ident, parts=[
+            {"problem": part, "reference": None,
+             "inputs": part.make_inputs(req["device"], int(req["seed"]), requires_grad=bool(req["backward"]))}
+            for part in parts])
+    if not req.get("compile_only"):
+        for ps in state["parts"]:
+            if ps["reference"] is None:
+                ps["reference"] = ps["problem"].reference(ps["inputs"], with_grad=bool(req["backward"]))
+    return state["parts"]
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(max(v, 1e-12)) for v in values) / len(values))
 
 
 def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
-    """One trial; ``phases`` receives the seconds spent in each step (see :data:`PHASES`)."""
+    """One trial; ``phases`` receives the seconds spent in each step (see :data:`PHASES`).
+
+    A problem on a mix of input families is checked on every part and timed on each: its times
+    are the geometric means over the parts, its errors the largest."""
     import torch
 
     from ..kernels.reference import relative_error, tolerance
@@ -159,7 +173,7 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
     problem = problem_from_dict(req["problem"])
     if req.get("setup_only"):  # the problem's inputs and oracle, ahead of its first trial
         clock = time.perf_counter()
-        _problem_state(req, state, problem)
+        _problem_states(req, state, problem)
         _lap(phases, "setup_ahead", clock)
         return _result("ok", "inputs and oracle built")
     backend = req["backend"]
@@ -168,65 +182,87 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
     if action is not None:
         _inject(action, req["device"])
     clock = time.perf_counter()
-    ps = _problem_state(req, state, problem)
+    parts = _problem_states(req, state, problem)
     clock = _lap(phases, "setup", clock)
-    inputs, backward = ps["inputs"], bool(req["backward"])
-    leaves = problem.grad_inputs(inputs)
+    backward = bool(req["backward"])
 
-    def forward():
-        with torch.no_grad():
-            return problem.run(inputs, backend, config)
+    def calls(ps: Mapping[str, Any]):
+        part, inputs = ps["problem"], ps["inputs"]
 
-    def forward_graph():
-        with torch.enable_grad():
-            return problem.run(inputs, backend, config)
+        def forward():
+            with torch.no_grad():
+                return part.run(inputs, backend, config)
+
+        def forward_graph():
+            with torch.enable_grad():
+                return part.run(inputs, backend, config)
+
+        return forward, forward_graph, part.grad_inputs(inputs), inputs.get("grad")
 
     if req.get("compile_only") and backend == "triton":
         from ..kernels.launch import compile_only
 
+        forward, forward_graph, leaves, grad = calls(parts[0])  # every part runs the same kernels
         with compile_only():  # fill Triton's cache; queue no kernel beside the timer's
             out = forward_graph() if backward else forward()
             if backward:
-                torch.autograd.grad(out, leaves, inputs["grad"])
+                torch.autograd.grad(out, leaves, grad)
         _lap(phases, "first_call", clock)
         return _result("ok", "compiled")
-    out = forward_graph() if backward else forward()
-    grads = torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True) if backward else None
+
+    results = []
+    for ps in parts:
+        forward, forward_graph, leaves, grad = calls(ps)
+        out = forward_graph() if backward else forward()
+        grads = torch.autograd.grad(out, leaves, grad, retain_graph=True) if backward else None
+        results.append((ps, out, grads))
+        if req.get("compile_only"):
+            break
     if str(req["device"]).startswith("cuda"):
         torch.cuda.synchronize(req["device"])
     clock = _lap(phases, "first_call", clock)
     if req.get("compile_only"):
         return _result("ok", "compiled")
 
-    ref_out, ref_grads = ps["reference"]
-    dtype = out.dtype
-    checked_out, checked_grads = problem.oracle_view(out, grads)
-    error = relative_error(checked_out, ref_out)
-    grad_error = max(relative_error(g, r) for g, r in zip(checked_grads, ref_grads)) if backward else None
     scale = float(req.get("gate", 1.0))
-    fwd_tol, grad_tol = scale * tolerance(dtype), scale * tolerance(dtype, grad=True)
-    fwd_ok = error <= fwd_tol
-    grad_ok = grad_error is None or grad_error <= grad_tol
-    gate = fwd_ok and grad_ok
+    error, grad_error, detail = 0.0, (0.0 if backward else None), ""
+    for ps, out, grads in results:
+        ref_out, ref_grads = ps["reference"]
+        fwd_tol, grad_tol = scale * tolerance(out.dtype), scale * tolerance(out.dtype, grad=True)
+        checked_out, checked_grads = ps["problem"].oracle_view(out, grads)
+        part_error = relative_error(checked_out, ref_out)
+        part_grad = max(relative_error(g, r) for g, r in zip(checked_grads, ref_grads)) if backward else None
+        error = max(error, part_error)
+        grad_error = max(grad_error, part_grad) if backward else None
+        where = f" on {getattr(ps['problem'], 'inputs', '')}" if len(parts) > 1 else ""
+        if not detail and part_error > fwd_tol:
+            detail = f"relative error {part_error:.3g} (gate {fwd_tol:.2g}){where}"
+        elif not detail and part_grad is not None and part_grad > grad_tol:
+            detail = f"gradient relative error {part_grad:.3g} (gate {grad_tol:.2g}){where}"
+    gate = not detail
     values: dict[str, Any] = {"error": error, "grad_error": grad_error}
-    detail = ""
-    if not gate:
-        detail = (f"relative error {error:.3g} (gate {fwd_tol:.2g})" if not fwd_ok else
-                  f"gradient relative error {grad_error:.3g} (gate {grad_tol:.2g})")
-        if not req.get("time_if_inaccurate"):
-            _lap(phases, "check", clock)
-            return _result("accuracy", detail, **values)
+    if not gate and not req.get("time_if_inaccurate"):
+        _lap(phases, "check", clock)
+        return _result("accuracy", detail, **values)
     clock = _lap(phases, "check", clock)
 
     options = TimingOptions(**req.get("timing", {}))
-    fwd_fn = forward_graph if backward else forward
-    timing = measure(fwd_fn, req["device"], options)
-    values.update(fwd_ms=timing.median_ms, fwd_spread_ms=timing.spread_ms, reps=timing.reps)
+    fwd, fwd_spread, bwd, bwd_spread, reps = [], [], [], [], 0
+    for ps, _, _ in results:
+        forward, forward_graph, leaves, grad = calls(ps)
+        timing = measure(forward_graph if backward else forward, req["device"], options)
+        fwd.append(timing.median_ms)
+        fwd_spread.append(timing.spread_ms)
+        reps += timing.reps
+        if backward:
+            out = forward_graph()
+            reading = measure(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True),
+                              req["device"], options)
+            bwd.append(reading.median_ms)
+            bwd_spread.append(reading.spread_ms)
+    values.update(fwd_ms=_geomean(fwd), fwd_spread_ms=max(fwd_spread), reps=reps)
     if backward:
-        out = forward_graph()
-        bwd = measure(lambda: torch.autograd.grad(out, leaves, inputs["grad"], retain_graph=True),
-                      req["device"], options)
-        values.update(bwd_ms=bwd.median_ms, bwd_spread_ms=bwd.spread_ms)
+        values.update(bwd_ms=_geomean(bwd), bwd_spread_ms=max(bwd_spread))
     _lap(phases, "timing", clock)
     return _result("ok" if gate else "accuracy", detail, **values)
 

@@ -13,7 +13,7 @@ from adasplash_tune.cache import locations, samples
 from adasplash_tune.cache.store import open_store
 from adasplash_tune.cli import main
 from adasplash_tune.kernels.reference import attention_reference, entmax_reference
-from adasplash_tune.tuner.inputs import inputs_label, parse_inputs, synthetic_inputs
+from adasplash_tune.tuner.inputs import inputs_label, parse_inputs, split_inputs, synthetic_inputs
 from adasplash_tune.tuner.problems import AttentionProblem, problem_from_dict
 
 
@@ -143,6 +143,9 @@ def test_tune_from_record_runs_on_the_recorded_samples(tmp_path, cli_env, monkey
     (["--inputs", "recorded"], "--inputs recorded needs --from-record"),
     (["--inputs", "gauss"], "unknown input family"),
     (["--kernel", "entmax", "--inputs", "local:2"], "--inputs applies to --kernel adasplash"),
+    (["--inputs", "randn+recorded:/x.safetensors"], "a mix takes synthetic families only"),
+    (["--inputs", "randn+randn"], "appears twice"),
+    (["--inputs", "randn+gauss:2"], "unknown input family"),
 ])
 def test_tune_inputs_usage_errors(args, message, cli_env):
     result = _run("tune", "--backend", "torch", *args, *cli_env)
@@ -156,3 +159,46 @@ def test_tune_inputs_recorded_without_samples_fails_clearly(tmp_path, cli_env):
     record.write_text(json.dumps({"kernel": "adasplash", "key": key}) + "\n")
     result = _run("tune", "--backend", "torch", "--from-record", str(record), "--inputs", "recorded", *cli_env)
     assert result.exit_code == 1 and "holds no input samples" in result.output
+
+
+def test_a_mix_splits_into_its_families_and_keeps_its_name():
+    assert split_inputs("randn+randn:16+local:2") == ["randn", "randn:16", "local:2"]
+    assert split_inputs("local:2") == ["local:2"]
+    assert split_inputs("recorded:/a+b/s.safetensors") == ["recorded:/a+b/s.safetensors"]  # a path, not a mix
+    assert inputs_label("randn+local:2") == "randn+local:2"
+    problem = AttentionProblem(1, 2, 1, 40, 16, 1.5, True, inputs="randn+local:2")
+    assert [p.inputs for p in problem.parts()] == ["randn", "local:2"]
+    assert all(p.seq_len == 40 and p.kv_heads == 1 for p in problem.parts())
+    assert AttentionProblem(1, 2, 2, 40, 16).parts() == [AttentionProblem(1, 2, 2, 40, 16)]
+    assert problem_from_dict(problem.to_dict()) == problem
+    with pytest.raises(ValueError, match="is a mix"):
+        problem.make_inputs("cpu", 0, False)
+
+
+def test_a_trial_on_a_mix_is_gated_on_every_family_and_timed_as_their_geometric_mean():
+    from adasplash_tune.tuner.evaluate import Evaluator, TrialRequest
+    from adasplash_tune.tuner.timing import TimingOptions
+
+    quick = TimingOptions(warmup_ms=1.0, rep_ms=5.0, min_reps=3, max_reps=10)
+    mix = AttentionProblem(1, 2, 2, 48, 16, 1.5, True, "float32", inputs="randn+local:4")
+    with Evaluator("cpu", in_process=True) as ev:
+        both = ev.evaluate(TrialRequest(mix, "torch", {}, backward=True, timing=quick))
+        parts = [ev.evaluate(TrialRequest(p, "torch", {}, backward=True, timing=quick)) for p in mix.parts()]
+        strict = ev.evaluate(TrialRequest(mix, "torch", {}, backward=True, timing=quick, gate=1e-12))
+    assert both.ok and all(p.ok for p in parts)
+    # the errors are the worst family's (each family's inputs are drawn as on its own)
+    assert both.error == max(p.error for p in parts)
+    assert both.grad_error == max(p.grad_error for p in parts)
+    assert both.fwd_ms > 0 and both.bwd_ms > 0 and both.reps >= 2 * quick.min_reps
+    assert strict.status == "accuracy" and "on randn" in strict.detail
+
+
+def test_tune_on_a_mix_records_it(tmp_path, cli_env):
+    result = _run("tune", "--backend", "torch", "--seq-len", "48", "--head-dim", "16", "--heads", "2", "--batch",
+                  "1", "--trials", "2", "--seed", "1", "--inputs", "randn+local:4", "--json", *cli_env)
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["problem"]["inputs"] == "randn+local:4" and row["status"] == "tuned"
+    with open_store(str(tmp_path / "cache.sqlite"), readonly=True) as store:
+        [entry] = store.entries(kernel="adasplash")
+    assert entry.provenance["inputs"] == "randn+local:4"
