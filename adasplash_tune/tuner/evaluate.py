@@ -54,11 +54,13 @@ class TrialRequest:
 
     def payload(self, device: str, fault: str | None, compile_only: bool = False,
                 setup_only: bool = False) -> dict[str, Any]:
-        return {"setup_only": setup_only,
+        """The worker's request: ``compile_only`` compiles (no check, no timing); ``setup_only``
+        builds the problem's inputs and oracle ahead of its trials."""
+        return {
             "problem": self.problem.to_dict(), "backend": self.backend, "config": dict(self.config),
             "extras": dict(self.extras), "backward": self.backward, "seed": self.seed,
             "time_if_inaccurate": self.time_if_inaccurate, "timing": self.timing.to_dict(), "gate": self.gate,
-            "device": device, "fault": fault, "compile_only": compile_only,
+            "device": device, "fault": fault, "compile_only": compile_only, "setup_only": setup_only,
         }
 
 
