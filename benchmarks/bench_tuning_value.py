@@ -125,19 +125,23 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: tuned (%s) %s ms, default %s ms", problem.label(), source, tuned, times[0])
     # the best fixed config: fastest in geometric mean over the problems every candidate ran on
     usable = [i for i in range(len(pool)) if all(r["times"].get(i) for r in rows)]
-    best = min(usable, key=lambda i: geomean([r["times"][i] for r in rows]))
+    if not usable:
+        log.warning("no candidate passed the gate on every problem: no best fixed config")
+    best = min(usable, key=lambda i: geomean([r["times"][i] for r in rows])) if usable else None
     for r in rows:
-        r["best_fixed_ms"] = r["times"][best]
-        r["per_problem_best_ms"] = min(t for t in r["times"].values() if t)
+        r["best_fixed_ms"] = r["times"][best] if best is not None else None
+        r["per_problem_best_ms"] = min((t for t in r["times"].values() if t), default=None)
+    rows_ok = [r for r in rows if r["tuned_ms"] and r["default_ms"] and r["best_fixed_ms"]]
     summary = {
         # headroom: what picking the fastest candidate for each problem would give over the default
-        "default_over_per_problem_best": geomean([r["default_ms"] / r["per_problem_best_ms"] for r in rows]),
-        "default_over_tuned": geomean([r["default_ms"] / r["tuned_ms"] for r in rows if r["tuned_ms"]]),
-        "best_fixed_over_tuned": geomean([r["best_fixed_ms"] / r["tuned_ms"] for r in rows if r["tuned_ms"]]),
+        "default_over_per_problem_best": geomean([r["default_ms"] / r["per_problem_best_ms"] for r in rows_ok]),
+        "default_over_tuned": geomean([r["default_ms"] / r["tuned_ms"] for r in rows_ok]),
+        "best_fixed_over_tuned": geomean([r["best_fixed_ms"] / r["tuned_ms"] for r in rows_ok]),
+        "problems_compared": len(rows_ok),
         "best_fixed_index": best, "candidates": len(pool), "problems": len(rows),
     }
     for family in families:
-        sub = [r for r in rows if r["inputs"] == family and r["tuned_ms"]]
+        sub = [r for r in rows_ok if r["inputs"] == family]
         summary[f"default_over_tuned[{family}]"] = geomean([r["default_ms"] / r["tuned_ms"] for r in sub])
         summary[f"best_fixed_over_tuned[{family}]"] = geomean([r["best_fixed_ms"] / r["tuned_ms"] for r in sub])
     report = {"device": torch.cuda.get_device_name(0) if not smoke else "cpu", "backend": backend,
