@@ -2,8 +2,10 @@
 # The H200 tuning campaign behind adasplash_tune/cache/shipped/nvidia-h200.sqlite (kernels of
 # 2026-12-02: one dense tau pass, mask-granular products, split or fused backward).
 # Run from the repository root on an H200 host. Every phase resumes from $CAMPAIGN (the cache and
-# the Optuna studies): a phase cut short by --time-budget is finished by running it again, and the
-# campaign may be spread over sessions by keeping $CAMPAIGN between them.
+# the Optuna studies): a phase cut short by --time-budget is finished by running it again. Across
+# sessions the cache alone is enough (tune --skip-tuned passes over finished problems): end a
+# session with `adasplash-tune export --cache campaign/cache.sqlite benchmarks/results/h200-campaign-<date>.json`
+# and start the next with `benchmarks/campaign_h200.sh restore benchmarks/results/h200-campaign-*.json`.
 #   benchmarks/campaign_h200.sh core      # bf16, alpha 1.5 and 2, D 64/128, N 1k-16k, B*H 64, both masks
 #   benchmarks/campaign_h200.sh dims      # D 80 and 96
 #   benchmarks/campaign_h200.sh alphas    # alpha 4/3, 1.25 and a generic one (1.7)
@@ -12,6 +14,7 @@
 #   benchmarks/campaign_h200.sh long      # N 32k and 64k (B*H 16)
 #   benchmarks/campaign_h200.sh gqa       # 4 query heads per kv head
 #   benchmarks/campaign_h200.sh varlen    # the padded variable-length variant
+#   benchmarks/campaign_h200.sh restore F...  # import earlier sessions' exports into the campaign cache
 #   benchmarks/campaign_h200.sh export    # the shipped file from the campaign cache
 set -euo pipefail
 CAMPAIGN=${CAMPAIGN:-campaign}
@@ -23,7 +26,7 @@ TRIALS=${TRIALS:-10}           # evaluated configs per problem, over the four st
 # phases time every trial on a mix across sparsity (three timings per trial).
 INPUTS=${INPUTS:-randn+randn:16+local:2}
 mkdir -p "$CAMPAIGN"
-TUNE=(python3 -m adasplash_tune tune --gpus "$GPUS" --seed 2026 --trials "$TRIALS" --confirm 2
+TUNE=(python3 -m adasplash_tune tune --gpus "$GPUS" --seed 2026 --trials "$TRIALS" --confirm 2 --skip-tuned
       --time-budget "$BUDGET" --cache "$CAMPAIGN/cache.sqlite" --storage "sqlite:///$PWD/$CAMPAIGN/studies.sqlite")
 # A bounded space around the defaults: the launch knobs that moved time in the stage and variant
 # studies (results/h200-stages-variants.json), the algorithm's own choices (dense passes, sweep
@@ -49,9 +52,12 @@ case "${1:-core}" in
   long)   run --dtype bfloat16 --batch 1 --heads 16 --seq-len 32768,65536 --head-dim 64,128 --alpha 1.5 ;;
   gqa)    run --dtype bfloat16 --batch 1 --heads 32 --kv-heads 8 --seq-len 1024,4096,16384 --head-dim 64,128 --alpha 1.5 ;;
   varlen) run --dtype bfloat16 --batch 4 --heads 16 --varlen --seq-len 1024,4096,16384 --head-dim 64,128 --alpha 1.5 ;;
+  restore)
+    shift
+    for file in "$@"; do python3 -m adasplash_tune import --cache "$CAMPAIGN/cache.sqlite" "$file"; done ;;
   export)
     rm -f adasplash_tune/cache/shipped/nvidia-h200.sqlite
     python3 -m adasplash_tune export --cache "$CAMPAIGN/cache.sqlite" --device "NVIDIA H200" \
       adasplash_tune/cache/shipped/nvidia-h200.sqlite ;;
-  *) echo "unknown phase $1 (core, dims, alphas, fp16, bh, long, gqa, varlen, export)" >&2; exit 2 ;;
+  *) echo "unknown phase $1 (core, dims, alphas, fp16, bh, long, gqa, varlen, restore, export)" >&2; exit 2 ;;
 esac

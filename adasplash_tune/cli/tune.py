@@ -266,10 +266,14 @@ class _Progress:
               help="Parallel compile processes (default: up to 8 for triton on a GPU, else 0).")
 @click.option("--trial-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds one trial may take before its worker is killed.")
+@click.option("--skip-tuned", is_flag=True,
+              help="Skip problems the cache already holds a finished entry for (duel-confirmed, this device, "
+              "this kernel code, tuned on the same inputs): resumes a campaign from its cache alone, e.g. "
+              "after importing an earlier session's export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, alpha, causal_mode, varlen,
          dtype, rows, cols, strategy, trials, time_budget, cache, from_record, inputs_spec, gpus, storage, space,
-         confirm, seed, backward, compile_workers, trial_timeout, as_json) -> None:
+         confirm, seed, backward, compile_workers, trial_timeout, skip_tuned, as_json) -> None:
     """Tune problems on this machine and write the best configs to the cache."""
     import os
 
@@ -318,6 +322,11 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     progress = _Progress()
     try:
         with store:
+            if skip_tuned:
+                problems = _untuned(problems, store, kernel, backend, devices[0])
+                if not problems:
+                    click.echo("every problem already has a finished entry in the cache (--skip-tuned)")
+                    return
             job = TuneJob(problems, kernel=kernel, backend=backend, store=store, options=options, progress=progress)
             results = job.run()
     except ValueError as exc:
@@ -357,6 +366,28 @@ def _with_inputs(problems: list[Any], kernel: str, spec: str | None, from_record
     except ValueError as exc:
         raise click.UsageError(f"--inputs: {exc}") from None
     return [replace(p, inputs=spec) for p in problems]
+
+
+def _untuned(problems: list[Any], store: Any, kernel: str, backend: str, device: str) -> list[Any]:
+    """The problems without a finished entry (duel-confirmed, same device, kernel code and inputs)."""
+    from ..device import fingerprint
+    from ..kernels.registry import get_spec
+    from ..tuner.cache_writer import is_confirmed
+    from ..tuner.inputs import inputs_label
+
+    device_id = fingerprint(device).device_id
+    kernel_hash = get_spec(kernel, backend).source_hash()
+    left = []
+    for problem in problems:
+        entry = store.get_exact(device_id, kernel, backend, kernel_hash, problem.key(backend))
+        inputs = inputs_label(getattr(problem, "inputs", "randn"))
+        if entry is not None and is_confirmed(entry) and entry.provenance.get("inputs", "randn") == inputs:
+            log.info("%s: already tuned (%.4g ms), skipped", problem.label(), entry.time_ms or float("nan"))
+        else:
+            left.append(problem)
+    if len(left) < len(problems):
+        click.echo(f"--skip-tuned: {len(problems) - len(left)} of {len(problems)} problems already tuned", err=True)
+    return left
 
 
 def _report(results: Sequence[Any], as_json: bool, location: str, storage: str) -> None:

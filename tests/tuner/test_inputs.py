@@ -202,3 +202,20 @@ def test_tune_on_a_mix_records_it(tmp_path, cli_env):
     with open_store(str(tmp_path / "cache.sqlite"), readonly=True) as store:
         [entry] = store.entries(kernel="adasplash")
     assert entry.provenance["inputs"] == "randn+local:4"
+
+
+def test_skip_tuned_resumes_from_the_cache_alone(tmp_path, cli_env):
+    shape = ["--backend", "torch", "--seq-len", "48,200", "--head-dim", "16", "--heads", "2", "--batch", "1",
+             "--trials", "2", "--seed", "1", "--json"]
+    unconfirmed = _run("tune", *shape[:-1], "--seq-len", "48", "--confirm", "0", "--json", *cli_env)
+    assert unconfirmed.exit_code == 0, unconfirmed.output
+    # a new study storage: only the cache says what is done; N = 48's entry has no duel yet
+    fresh = ["--storage", f"sqlite:///{tmp_path / 'other-studies.sqlite'}"]
+    first = _run("tune", *shape, "--skip-tuned", *fresh)
+    assert first.exit_code == 0, first.output
+    assert sorted(r["problem"]["seq_len"] for r in json.loads(first.stdout)) == [48, 200]
+    again = _run("tune", *shape, "--skip-tuned", *fresh)
+    assert again.exit_code == 0 and "every problem already has a finished entry" in again.output
+    other = _run("tune", *shape, "--skip-tuned", "--inputs", "local:2", *fresh)  # other inputs: not done
+    assert other.exit_code == 0, other.output
+    assert len(json.loads(other.stdout[other.stdout.index("["):])) == 2
