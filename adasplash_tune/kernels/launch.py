@@ -22,9 +22,10 @@ import functools
 import os
 from typing import Any, Iterator
 
-__all__ = ["Launch", "direct_launch_enabled", "compile_only"]
+__all__ = ["Launch", "direct_launch_enabled", "compile_only", "parallel_compile"]
 
 _COMPILE_ONLY = [False]
+_ASYNC = [False]  # inside parallel_compile: warmups return futures, loaded when first launched
 
 
 @contextlib.contextmanager
@@ -39,6 +40,37 @@ def compile_only() -> Iterator[None]:
         yield
     finally:
         _COMPILE_ONLY[0] = previous
+
+
+@contextlib.contextmanager
+def parallel_compile(workers: int) -> Iterator[bool]:
+    """Inside: every :class:`Launch` only compiles (as under :func:`compile_only`), and the
+    compiles run concurrently in ``workers`` threads (Triton's ``AsyncCompileMode``: much of a
+    compile -- the LLVM and ptxas steps -- runs without the GIL); leaving waits for all of them,
+    and a compile error is raised there. Yields False, compiling nothing, where this Triton has
+    no asynchronous compile (the launches then compile one by one when they run)."""
+    mode = _async_compile_mode()
+    if mode is None:
+        yield False
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="adasplash-compile") as pool:
+        with compile_only(), mode(pool):
+            _ASYNC[0] = True
+            try:
+                yield True
+            finally:
+                _ASYNC[0] = False
+
+
+@functools.lru_cache(maxsize=1)
+def _async_compile_mode() -> Any:
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return None
+    return AsyncCompileMode
 
 
 def direct_launch_enabled() -> bool:
@@ -65,7 +97,7 @@ class Launch:
     def __call__(self, *tensors: Any) -> None:
         if _COMPILE_ONLY[0] and os.environ.get("TRITON_INTERPRET", "0") != "1":
             kernel = self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
-            load = getattr(kernel, "_init_handles", None)
+            load = None if _ASYNC[0] else getattr(kernel, "_init_handles", None)  # a future under _ASYNC
             if load is not None:  # loading is where a kernel that needs too much shared memory fails
                 load()
             return

@@ -195,3 +195,100 @@ def test_gpu_compile_only_compiles_without_running():
     plan(x)
     torch.cuda.synchronize()
     assert torch.all(x == 3.0)
+
+
+class _FakeAsyncMode:
+    """Stands in for Triton's AsyncCompileMode: records entry and exit."""
+
+    log: list = []
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def __enter__(self):
+        _FakeAsyncMode.log.append("enter")
+        return self
+
+    def __exit__(self, *exc):
+        _FakeAsyncMode.log.append("exit")
+
+
+def test_parallel_compile_warms_up_without_loading_futures(direct, monkeypatch):
+    monkeypatch.setattr(launch_mod, "_async_compile_mode", lambda: _FakeAsyncMode)
+    _FakeAsyncMode.log = []
+    fn = _FakeJit()
+    loaded = []
+
+    class _Future:
+        def _init_handles(self):  # a real FutureKernel would block here until its compile ended
+            loaded.append(True)
+
+    fn.warmup = lambda *args, grid, **meta: _Future()
+    plan = Launch(fn, (2,), (4, 0.5), {"BM": 16})
+    with launch_mod.parallel_compile(3) as active:
+        assert active
+        plan(torch.zeros(4))
+    assert _FakeAsyncMode.log == ["enter", "exit"] and loaded == [] and fn.log == []
+    with launch_mod.compile_only():  # outside parallel_compile a warmup is loaded at once
+        plan(torch.zeros(4))
+    assert loaded == [True]
+
+
+def test_parallel_compile_yields_false_without_async_compile(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_async_compile_mode", lambda: None)
+    with launch_mod.parallel_compile(2) as active:
+        assert active is False
+        assert not launch_mod._COMPILE_ONLY[0]  # nothing is switched to compile-only
+
+
+def test_compile_ahead_runs_once_per_key_and_never_fails_the_call(monkeypatch):
+    from adasplash_tune.kernels.attention import op
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("ADASPLASH_TUNE_PARALLEL_COMPILE", raising=False)
+    monkeypatch.setattr(launch_mod, "_async_compile_mode", lambda: _FakeAsyncMode)
+    runs = []
+    op._compile_ahead(("t", 1), lambda: runs.append(1))
+    op._compile_ahead(("t", 1), lambda: runs.append(1))
+    assert runs == [1] and op._AHEAD_OUTCOME[0] == "parallel"
+
+    def broken():
+        raise RuntimeError("compile error")
+
+    op._compile_ahead(("t", 2), broken)  # logged; the real launches report errors themselves
+    assert op._AHEAD_OUTCOME[0] == "failed: RuntimeError"
+    monkeypatch.setenv("ADASPLASH_TUNE_PARALLEL_COMPILE", "0")
+    op._compile_ahead(("t", 3), lambda: runs.append(3))
+    monkeypatch.setenv("ADASPLASH_TUNE_PARALLEL_COMPILE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op._compile_ahead(("t", 4), lambda: runs.append(4))
+    assert runs == [1]  # switched off, and never under the interpreter
+    op._COMPILED_AHEAD.difference_update({("t", 1), ("t", 2), ("t", 3), ("t", 4)})
+
+
+@pytest.mark.gpu
+def test_gpu_first_call_compiles_in_parallel_and_matches_the_serial_compile(tmp_path):
+    """Fresh processes with empty Triton caches: the parallel compile ran and gave the same output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; run `pytest -m gpu` on the GPU machine")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, adasplash_tune\n"
+        "from adasplash_tune.kernels.attention import op\n"
+        "g = torch.Generator(device='cuda').manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 2, 333, 64, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(3))\n"
+        "out = adasplash_tune.adasplash(q, k, v, alpha=1.5, is_causal=True)\n"
+        "torch.save(out.cpu(), sys.argv[1]); print(op._AHEAD_OUTCOME[0])\n"
+    )
+    outcomes = []
+    for name, flag in (("parallel", "1"), ("serial", "0")):
+        env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / f"triton-{name}"), ADASPLASH_TUNE_PARALLEL_COMPILE=flag)
+        proc = subprocess.run([sys.executable, "-c", "import sys\n" + script, str(tmp_path / f"{name}.pt")],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outcomes.append(proc.stdout.strip().splitlines()[-1])
+    assert outcomes == ["parallel", "none"]
+    assert torch.equal(torch.load(tmp_path / "parallel.pt"), torch.load(tmp_path / "serial.pt"))

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, NamedTuple, Sequence
 
 import torch
 import triton
 
 from ..declarations.attention import TRITON, fit_triton_config
+from ..launch import parallel_compile
 from ..spec import Config
 from .backward import sparse_backward_fused, sparse_backward_kv, sparse_backward_q
 from .common import Geometry, alloc, poison_outputs
@@ -196,10 +198,55 @@ def _forward(q, k, v, alpha, is_causal, varlen, scale, config, need_stats):
     return out, stats, mask, o2
 
 
+#: Threads that compile a new problem's forward kernels at once (``_compile_ahead``).
+_COMPILE_THREADS = 4
+_COMPILED_AHEAD: set[tuple] = set()
+_AHEAD_OUTCOME = ["none"]  # how the last compile-ahead went (tests): parallel / unavailable / failed: ...
+
+
+def _compile_ahead(key: tuple, run) -> None:
+    """The first time ``key`` is seen: ``run()`` once with every launch compiling in parallel and
+    none running (``kernels.launch.parallel_compile``), so that a cold first call waits for its
+    slowest kernel's compile, not the sum of them. Off under the interpreter and with
+    ``ADASPLASH_TUNE_PARALLEL_COMPILE=0``; any failure leaves the launches to compile one by one
+    (where a real error is raised as before)."""
+    if key in _COMPILED_AHEAD:
+        return
+    if len(_COMPILED_AHEAD) > 4096:
+        _COMPILED_AHEAD.clear()
+    _COMPILED_AHEAD.add(key)
+    env = os.environ
+    if env.get("TRITON_INTERPRET", "0") == "1" or env.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "1") == "0":
+        return
+    try:
+        with parallel_compile(_COMPILE_THREADS) as active:
+            if active:
+                run()
+        _AHEAD_OUTCOME[0] = "parallel" if active else "unavailable"
+    except Exception as exc:  # noqa: BLE001 - the real launches compile (and report) on their own
+        _AHEAD_OUTCOME[0] = f"failed: {type(exc).__name__}"
+        log.debug("compiling ahead in parallel failed (%s: %s); launches compile one by one",
+                  type(exc).__name__, exc)
+
+
 def _stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out, inv_l_out,
             out=None, o2_out=None):
     """tau -> tile lists -> sparse forward over the rows of q (whole, or one chunk of them), into
-    the given buffers (None: allocated; ``inv_l_out`` None: no 1 / sum p). Returns (out, O2)."""
+    the given buffers (None: allocated; ``inv_l_out`` None: no 1 / sum p). Returns (out, O2).
+    A new problem's kernels are compiled in parallel first (``_compile_ahead``)."""
+    key = (geo, config, q.dtype, q.device, float(alpha), bool(is_causal), varlen is not None, tau_out is not None,
+           inv_l_out is not None, bool(need_o2))
+    if key not in _COMPILED_AHEAD:
+        out = alloc(q.shape, q.dtype, q.device) if out is None else out
+        o2_out = alloc(q.shape, q.dtype, q.device) if need_o2 and o2_out is None else o2_out
+        _compile_ahead(key, lambda: _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo,
+                                                mask, scratch, tau_out, inv_l_out, out, o2_out))
+    return _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out,
+                       inv_l_out, out, o2_out)
+
+
+def _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out, inv_l_out,
+                out, o2_out):
     tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=tau_out, geo=geo)
     lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
                        (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
