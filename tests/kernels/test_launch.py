@@ -245,7 +245,7 @@ def test_compile_ahead_runs_once_per_key_and_never_fails_the_call(monkeypatch):
     from adasplash_tune.kernels.attention import op
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("ADASPLASH_TUNE_PARALLEL_COMPILE", raising=False)
+    monkeypatch.setenv("ADASPLASH_TUNE_PARALLEL_COMPILE", "1")
     monkeypatch.setattr(launch_mod, "_async_compile_mode", lambda: _FakeAsyncMode)
     runs = []
     op._compile_ahead(("t", 1), lambda: runs.append(1))
@@ -257,7 +257,7 @@ def test_compile_ahead_runs_once_per_key_and_never_fails_the_call(monkeypatch):
 
     op._compile_ahead(("t", 2), broken)  # logged; the real launches report errors themselves
     assert op._AHEAD_OUTCOME[0] == "failed: RuntimeError"
-    monkeypatch.setenv("ADASPLASH_TUNE_PARALLEL_COMPILE", "0")
+    monkeypatch.delenv("ADASPLASH_TUNE_PARALLEL_COMPILE")  # opt-in: off by default
     op._compile_ahead(("t", 3), lambda: runs.append(3))
     monkeypatch.setenv("ADASPLASH_TUNE_PARALLEL_COMPILE", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

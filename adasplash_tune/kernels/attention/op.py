@@ -207,16 +207,16 @@ _AHEAD_OUTCOME = ["none"]  # how the last compile-ahead went (tests): parallel /
 def _compile_ahead(key: tuple, run) -> None:
     """The first time ``key`` is seen: ``run()`` once with every launch compiling in parallel and
     none running (``kernels.launch.parallel_compile``), so that a cold first call waits for its
-    slowest kernel's compile, not the sum of them. Off under the interpreter and with
-    ``ADASPLASH_TUNE_PARALLEL_COMPILE=0``; any failure leaves the launches to compile one by one
-    (where a real error is raised as before)."""
+    slowest kernel's compile, not the sum of them. Opt-in with ``ADASPLASH_TUNE_PARALLEL_COMPILE=1``
+    until it is timed on a GPU; never under the interpreter; any failure leaves the launches to
+    compile one by one (where a real error is raised as before)."""
     if key in _COMPILED_AHEAD:
         return
     if len(_COMPILED_AHEAD) > 4096:
         _COMPILED_AHEAD.clear()
     _COMPILED_AHEAD.add(key)
     env = os.environ
-    if env.get("TRITON_INTERPRET", "0") == "1" or env.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "1") == "0":
+    if env.get("TRITON_INTERPRET", "0") == "1" or env.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "0") != "1":
         return
     try:
         with parallel_compile(_COMPILE_THREADS) as active:
