@@ -136,11 +136,13 @@ def _result(status: str, detail: str = "", **values: Any) -> dict[str, Any]:
     return out
 
 
-def _problem_states(req: Mapping[str, Any], state: dict[str, Any], problem) -> list[dict[str, Any]]:
-    """Inputs and oracle of each part of the request's problem (one part, or one per input family
-    of a mix), built once per (problem, seed, device, mode)."""
+def _problem_states(req: Mapping[str, Any], state: dict[str, Any], problem) -> tuple[list[dict[str, Any]], bool]:
+    """(inputs and oracle of each part of the request's problem -- one part, or one per input
+    family of a mix --, whether this call built any of it): built once per (problem, seed,
+    device, mode)."""
     ident = json.dumps([req["problem"], req["seed"], req["device"], req["backward"]], sort_keys=True)
-    if state.get("ident") != ident:
+    built = state.get("ident") != ident
+    if built:
         state.clear()
         parts = problem.parts() if hasattr(problem, "parts") else [problem]
         state.update(ident=ident, parts=[
@@ -150,8 +152,9 @@ def _problem_states(req: Mapping[str, Any], state: dict[str, Any], problem) -> l
     if not req.get("compile_only"):
         for ps in state["parts"]:
             if ps["reference"] is None:
+                built = True
                 ps["reference"] = ps["problem"].reference(ps["inputs"], with_grad=bool(req["backward"]))
-    return state["parts"]
+    return state["parts"], built
 
 
 def _geomean(values: list[float]) -> float:
@@ -182,8 +185,9 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
     if action is not None:
         _inject(action, req["device"])
     clock = time.perf_counter()
-    parts = _problem_states(req, state, problem)
-    clock = _lap(phases, "setup", clock)
+    parts, built = _problem_states(req, state, problem)
+    if built:  # a phase only when this trial built the inputs or the oracle
+        clock = _lap(phases, "setup", clock)
     backward = bool(req["backward"])
 
     def calls(ps: Mapping[str, Any]):
@@ -268,7 +272,7 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
 
 
 #: The steps of a trial whose seconds a result reports under ``phases``: ``setup`` (inputs and the
-#: fp64 oracle, built once per problem), ``first_call`` (the first run: Triton compiles or loads
+#: fp64 oracle, built once per problem: only in the trial that built them), ``first_call`` (the first run: Triton compiles or loads
 #: the kernels here), ``check`` (errors against the oracle), ``timing`` (the timed reps).
 PHASES = ("setup", "first_call", "check", "timing")
 
