@@ -99,9 +99,7 @@ class TrialResult:
         return self.fwd_spread_ms + (self.bwd_spread_ms or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["phases"] = dict(self.phases)
-        return out
+        return asdict(self)
 
     @staticmethod
     def from_payload(data: Mapping[str, Any]) -> "TrialResult":
@@ -266,10 +264,8 @@ class Evaluator:
         Returns one result per request: ``ok`` when it compiled and ran, else the typed failure.
         Without compile workers every request is reported ``ok`` (compiled when timed).
         """
-        if self.compile_workers == 0 or self.in_process or not requests:
-            return [TrialResult("ok", "not precompiled") for _ in requests]
-        with ThreadPoolExecutor(max_workers=self.compile_workers) as pool:
-            return list(pool.map(self._compile_one, requests))
+        results = dict(self.compile_stream(requests))
+        return [results[i] for i in range(len(requests))]
 
     def compile_stream(self, requests: Sequence[TrialRequest]) -> Iterator[tuple[int, TrialResult]]:
         """Like :meth:`compile`, but yields ``(index, result)`` as each request finishes compiling,

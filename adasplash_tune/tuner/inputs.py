@@ -36,16 +36,15 @@ MIX = "+"
 def split_inputs(spec: str) -> list[str]:
     """The single specs of ``spec``: the parts of a mix (``randn+local:2``), else ``[spec]``.
     Every part is checked; a mix takes synthetic families only, each once. ValueError otherwise."""
-    if not isinstance(spec, str) or not spec.startswith("recorded:") and MIX in spec:
-        parts = spec.split(MIX) if isinstance(spec, str) else [spec]
-        for part in parts:
-            if parse_inputs(part)[0] == "recorded":
-                raise ValueError(f"inputs {spec!r}: a mix takes synthetic families only, not a recorded sample")
-        if len(set(parts)) != len(parts):
-            raise ValueError(f"inputs {spec!r}: a family appears twice in the mix")
-        return parts
-    parse_inputs(spec)
-    return [spec]
+    if not isinstance(spec, str) or spec.startswith("recorded:") or MIX not in spec:
+        parse_inputs(spec)  # one spec (a recorded path may hold a "+")
+        return [spec]
+    parts = spec.split(MIX)
+    if any(parse_inputs(part)[0] == "recorded" for part in parts):
+        raise ValueError(f"inputs {spec!r}: a mix takes synthetic families only, not a recorded sample")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"inputs {spec!r}: a family appears twice in the mix")
+    return parts
 
 
 def parse_inputs(spec: str) -> tuple[str, Any]:

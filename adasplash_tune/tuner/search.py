@@ -27,10 +27,10 @@ import math
 import time
 import uuid
 import warnings
-from collections import Counter, abc
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .lost_trials import OWNER, Heartbeats, fail_stale, left_behind, owner_record
 from .outcome import Outcome, TraceRow
@@ -74,14 +74,9 @@ class StageResult:
         return sum(self.failure_kinds.values())
 
 
-#: Compiles a batch: per point None (compiled) or a failure Outcome, either as a list in batch order
-#: or as ``(index, outcome)`` pairs in the order the points finish compiling.
-PrepareFn = Callable[[Sequence[Mapping[str, Any]]], "Sequence[Outcome | None] | Iterator[tuple[int, Outcome | None]]"]
-
-
-def _indexed(prepared: Any) -> Iterator[tuple[int, Any]]:
-    """``(index, outcome)`` pairs of what a PrepareFn returned."""
-    return iter(enumerate(prepared)) if isinstance(prepared, abc.Sequence) else iter(prepared)
+#: Compiles a batch: ``(index, None)`` (compiled) or ``(index, failure Outcome)`` per point, in the
+#: order the points finish compiling.
+PrepareFn = Callable[[Sequence[Mapping[str, Any]]], Iterable[tuple[int, "Outcome | None"]]]
 SubmitFn = Callable[[Mapping[str, Any]], "Future[Outcome]"]
 
 
@@ -434,8 +429,8 @@ class StageSearch:
                     return dry
                 time.sleep(POLL_S)  # the rest of the budget is running elsewhere: wait for it
                 continue
-            pairs = _indexed([None] * len(picked) if self.prepare is None
-                             else self.prepare([values for _, values in picked]))
+            pairs = iter(enumerate([None] * len(picked)) if self.prepare is None
+                         else self.prepare([values for _, values in picked]))
             done: set[int] = set()
             try:
                 for index, failure in pairs:  # timed as each finishes compiling
@@ -464,7 +459,7 @@ class StageSearch:
                 asked = bool(picked)
                 prepared: list[Outcome | None] = [None] * len(picked)
                 if self.prepare is not None and picked:
-                    for index, failure in _indexed(self.prepare([values for _, values in picked])):
+                    for index, failure in self.prepare([values for _, values in picked]):
                         prepared[index] = failure
                 for (trial, values), failure in zip(picked, prepared):
                     if failure is not None:

@@ -71,10 +71,7 @@ def is_stable(times: list[float], stable: float) -> bool:
 def _rounds(n: int, min_reps: int) -> list[int]:
     """Rep counts of the rounds that make up ``n`` reps (the first at least ``min_reps``)."""
     first = min(n, max(min_reps, 2 * ROUND_REPS))
-    sizes = [first]
-    while sum(sizes) < n:
-        sizes.append(min(ROUND_REPS, n - sum(sizes)))
-    return sizes
+    return [first] + [min(ROUND_REPS, n - done) for done in range(first, n, ROUND_REPS)]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ process dies), ``hang`` (the process sleeps).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
+import statistics
 import time
 from typing import Any, Mapping
 
@@ -157,8 +158,13 @@ def _problem_states(req: Mapping[str, Any], state: dict[str, Any], problem) -> t
     return state["parts"], built
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(max(v, 1e-12)) for v in values) / len(values))
+def _compiling_only(backend: str):
+    """Triton launches only compile inside (``kernels.launch.compile_only``); other backends run."""
+    if backend != "triton":
+        return contextlib.nullcontext()
+    from ..kernels.launch import compile_only
+
+    return compile_only()
 
 
 def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
@@ -203,11 +209,9 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
 
         return forward, forward_graph, part.grad_inputs(inputs), inputs.get("grad")
 
-    if req.get("compile_only") and backend == "triton":
-        from ..kernels.launch import compile_only
-
-        forward, forward_graph, leaves, grad = calls(parts[0])  # every part runs the same kernels
-        with compile_only():  # fill Triton's cache; queue no kernel beside the timer's
+    if req.get("compile_only"):  # every part runs the same kernels: compile them on the first
+        forward, forward_graph, leaves, grad = calls(parts[0])
+        with _compiling_only(backend):  # Triton: fill its cache, queue no kernel beside the timer's
             out = forward_graph() if backward else forward()
             if backward:
                 torch.autograd.grad(out, leaves, grad)
@@ -220,13 +224,9 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
         out = forward_graph() if backward else forward()
         grads = torch.autograd.grad(out, leaves, grad, retain_graph=True) if backward else None
         results.append((ps, out, grads))
-        if req.get("compile_only"):
-            break
     if str(req["device"]).startswith("cuda"):
         torch.cuda.synchronize(req["device"])
     clock = _lap(phases, "first_call", clock)
-    if req.get("compile_only"):
-        return _result("ok", "compiled")
 
     scale = float(req.get("gate", 1.0))
     error, grad_error, detail = 0.0, (0.0 if backward else None), ""
@@ -264,9 +264,9 @@ def _run(req: Mapping[str, Any], state: dict[str, Any], phases: dict[str, float]
                               req["device"], options)
             bwd.append(reading.median_ms)
             bwd_spread.append(reading.spread_ms)
-    values.update(fwd_ms=_geomean(fwd), fwd_spread_ms=max(fwd_spread), reps=reps)
+    values.update(fwd_ms=statistics.geometric_mean(fwd), fwd_spread_ms=max(fwd_spread), reps=reps)
     if backward:
-        values.update(bwd_ms=_geomean(bwd), bwd_spread_ms=max(bwd_spread))
+        values.update(bwd_ms=statistics.geometric_mean(bwd), bwd_spread_ms=max(bwd_spread))
     _lap(phases, "timing", clock)
     return _result("ok" if gate else "accuracy", detail, **values)
 

@@ -204,19 +204,24 @@ _COMPILED_AHEAD: set[tuple] = set()
 _AHEAD_OUTCOME = ["none"]  # how the last compile-ahead went (tests): parallel / unavailable / failed: ...
 
 
+@functools.lru_cache(maxsize=1)
+def _parallel_compile_requested() -> bool:
+    """``ADASPLASH_TUNE_PARALLEL_COMPILE=1`` (read once per process): opt-in until it is timed on a
+    GPU. Off, a call does no compile-ahead work at all."""
+    return os.environ.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "0") == "1"
+
+
 def _compile_ahead(key: tuple, run) -> None:
     """The first time ``key`` is seen: ``run()`` once with every launch compiling in parallel and
     none running (``kernels.launch.parallel_compile``), so that a cold first call waits for its
-    slowest kernel's compile, not the sum of them. Opt-in with ``ADASPLASH_TUNE_PARALLEL_COMPILE=1``
-    until it is timed on a GPU; never under the interpreter; any failure leaves the launches to
-    compile one by one (where a real error is raised as before)."""
+    slowest kernel's compile, not the sum of them. Never under the interpreter; any failure
+    leaves the launches to compile one by one (where a real error is raised as before)."""
     if key in _COMPILED_AHEAD:
         return
     if len(_COMPILED_AHEAD) > 4096:
         _COMPILED_AHEAD.clear()
     _COMPILED_AHEAD.add(key)
-    env = os.environ
-    if env.get("TRITON_INTERPRET", "0") == "1" or env.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "0") != "1":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return
     try:
         with parallel_compile(_COMPILE_THREADS) as active:
@@ -234,13 +239,14 @@ def _stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask
     """tau -> tile lists -> sparse forward over the rows of q (whole, or one chunk of them), into
     the given buffers (None: allocated; ``inv_l_out`` None: no 1 / sum p). Returns (out, O2).
     A new problem's kernels are compiled in parallel first (``_compile_ahead``)."""
-    key = (geo, config, q.dtype, q.device, float(alpha), bool(is_causal), varlen is not None, tau_out is not None,
-           inv_l_out is not None, bool(need_o2))
-    if key not in _COMPILED_AHEAD:
-        out = alloc(q.shape, q.dtype, q.device) if out is None else out
-        o2_out = alloc(q.shape, q.dtype, q.device) if need_o2 and o2_out is None else o2_out
-        _compile_ahead(key, lambda: _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo,
-                                                mask, scratch, tau_out, inv_l_out, out, o2_out))
+    if _parallel_compile_requested():
+        key = (geo, config, q.dtype, q.device, float(alpha), bool(is_causal), varlen is not None,
+               tau_out is not None, inv_l_out is not None, bool(need_o2))
+        if key not in _COMPILED_AHEAD:
+            out = alloc(q.shape, q.dtype, q.device) if out is None else out
+            o2_out = alloc(q.shape, q.dtype, q.device) if need_o2 and o2_out is None else o2_out
+            _compile_ahead(key, lambda: _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2,
+                                                    geo, mask, scratch, tau_out, inv_l_out, out, o2_out))
     return _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out,
                        inv_l_out, out, o2_out)
 
