@@ -400,8 +400,11 @@ def _forward_launch(config: Config, n_rows: int, n_cols: int, stride_x: int, str
 
 @functools.lru_cache(maxsize=512)
 def _backward_launch(config: Config, n_rows: int, n_cols: int, stride_p: int, stride_g: int, stride_dx: int,
-                     alpha: float, is_cuda: bool, interpreted: bool) -> Launch:
-    """The backward kernel's launch for one problem and config, planned once."""
+                     alpha: float, dtypes: tuple[torch.dtype, torch.dtype], is_cuda: bool,
+                     interpreted: bool) -> Launch:
+    """The backward kernel's launch for one problem and config, planned once. ``dtypes`` (of p
+    and grad) are part of the key: a plan re-launches the kernel compiled for its first call's
+    pointer types."""
     lp = launch_params(config, n_cols)
     meta = dict(ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single,
                 **_hardware_flags(is_cuda, interpreted), num_warps=lp.num_warps, num_stages=lp.num_stages)
@@ -471,8 +474,8 @@ def entmax_backward(p: torch.Tensor, grad: torch.Tensor, alpha: float, config: C
     dx = torch.empty(p.shape, dtype=p.dtype, device=p.device)
     if p.numel() == 0:
         return dx
-    _backward_launch(config, n_rows, n_cols, p.stride(0), grad.stride(0), dx.stride(0), float(alpha), p.is_cuda,
-                     _interpreted())(p, grad, dx)
+    _backward_launch(config, n_rows, n_cols, p.stride(0), grad.stride(0), dx.stride(0), float(alpha),
+                     (p.dtype, grad.dtype), p.is_cuda, _interpreted())(p, grad, dx)
     return dx
 
 

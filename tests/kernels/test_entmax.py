@@ -368,3 +368,16 @@ def test_accuracy_knobs_declared_and_old_configs_load():
         spec.validate({"tau_tol": 0.5})
     with pytest.raises(ConfigError, match="tau_init"):
         launch_params(Config("entmax", "triton", tuple(sorted({**old, "tau_init": "mid"}.items()))), 100)
+
+
+def test_launch_plans_are_per_dtype():
+    """A plan re-launches the kernel compiled for its first call's pointer types, so the same
+    shape in another dtype must get a plan of its own (on the H200 a shared backward plan read
+    bfloat16 gradients through the float16 kernel, and float32 ones out of bounds)."""
+    cfg = get_spec("entmax", "triton").default()
+    plans = {dtype: triton_entmax_module._backward_launch(cfg, 4, 16, 16, 16, 16, 1.5, (dtype, dtype), True, False)
+             for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    assert len({id(p) for p in plans.values()}) == 3
+    fwd = {dtype: triton_entmax_module._forward_launch(cfg, 4, 16, 16, 16, 1.5, dtype, True, False)
+           for dtype in (torch.float32, torch.bfloat16)}
+    assert fwd[torch.float32] is not fwd[torch.bfloat16]
