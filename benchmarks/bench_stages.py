@@ -139,7 +139,7 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     from adasplash_tune.kernels.attention.common import Geometry
     from adasplash_tune.kernels.attention.forward import sparse_forward
     from adasplash_tune.kernels.attention.mask import tile_lists
-    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau, tau_scratch_size
+    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau, solve_tau_forward, tau_scratch_size
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     geo = Geometry.of(q, k)
@@ -157,6 +157,9 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     res["tau_visited"] = [round(t / dense, 4) for t in st[1:1 + half] if t]
     res["density"] = round(op.block_density(mask, geo.seq_len, (cfg["mask_m"], cfg["mask_n"]), causal), 4)
     tile = (cfg["mask_m"], cfg["mask_n"])
+    if cfg["fwd_mode"] == "fused":  # tau + mask + forward in one launch; the staged stages below for comparison
+        res["tau_fwd_fused_ms"] = ms(lambda: solve_tau_forward(q, k, v, None, alpha, scale, causal, cfg, mask,
+                                                               scratch))
     fwd_tile = (cfg["fwd_block_m"], cfg["fwd_block_n"])
     res["lists_fwd_ms"] = ms(lambda: tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False))
     lists = tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False)

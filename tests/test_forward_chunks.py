@@ -85,15 +85,18 @@ def test_chunk_plan_covers_rows_in_whole_units_within_budget(geo, name):
         assert scratch == max(op._forward_buffers(c.geo, cfg)[1] for c in chunks)
 
 
-def test_chunk_plan_at_the_issue_shape():
-    """(1, 8, 131072, 64) with the default config: 134 MB of scratch in one launch; one head per
-    chunk (a head's lists alone are 16 MiB + its counts) under the default budget."""
-    cfg = TRITON.default()
+@pytest.mark.parametrize("fwd_mode", ["staged", "fused"])
+def test_chunk_plan_at_the_issue_shape(fwd_mode):
+    """(1, 8, 131072, 64) with the default tiles: 134 MB of scratch in one launch; one head per
+    chunk under the default budget (a head's tau sweep lists alone are 16 MiB; staged, the
+    forward's lists add their counts)."""
+    cfg = TRITON.default().replace(fwd_mode=fwd_mode)
     geo = Geometry(1, 8, 8, 131072, 64)
-    assert 4 * op._forward_buffers(geo, cfg)[1] == 8 * (2048 * 2048 + 2048 * 2) * 4
+    head = 2048 * 2048 + (2048 * 2 if fwd_mode == "staged" else 0)
+    assert 4 * op._forward_buffers(geo, cfg)[1] == 8 * head * 4
     shape, scratch, chunks = op._forward_plan(geo, cfg, op._SCRATCH_BUDGET_BYTES)
     assert [(c.h0, c.h1) for c in chunks] == [(h, h + 1) for h in range(8)]
-    assert 4 * scratch == (2048 * 2048 + 2048 * 2) * 4
+    assert 4 * scratch == head * 4
     # GQA: a 4-head group does not fit, so its heads go one by one
     _, _, gqa = op._forward_plan(Geometry(1, 8, 2, 131072, 64), cfg, op._SCRATCH_BUDGET_BYTES)
     assert [(c.h0, c.h1, c.kv0, c.kv1) for c in gqa] == [(h, h + 1, h // 4, h // 4 + 1) for h in range(8)]
@@ -179,3 +182,25 @@ def test_launches_per_chunk(monkeypatch, triton_device):
     with torch.no_grad():
         op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, SCALE, cfg, need_residuals=False)
     assert len(calls) == 3 * len(op.forward_chunks(geo, cfg, budget)) == 3 * 4
+
+
+def test_fused_forward_launches_once_per_chunk(monkeypatch, triton_device):
+    """fwd_mode="fused": one launch (tau, mask and forward), one per chunk past the budget, and
+    the chunked output is the unchunked one."""
+    case = (2, 4, 2, 33, 16, 1.5, True, None)
+    q, k, v, alpha, causal, varlen = _inputs(case, torch.float32, triton_device)
+    cfg = op.checked_config(TRITON.validate(CONFIGS["fused"]), q)
+    calls = []
+    real = Launch.__call__
+    monkeypatch.setattr(Launch, "__call__", lambda self, *t: (calls.append(self.fn), real(self, *t))[1])
+    with torch.no_grad():
+        whole, _ = op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, SCALE, cfg, need_residuals=False)
+    assert len(calls) == 1
+    geo = Geometry.of(q, k)
+    budget = 2 * _row_bytes(geo, cfg)
+    monkeypatch.setattr(op, "_SCRATCH_BUDGET_BYTES", budget)
+    calls.clear()
+    with torch.no_grad():
+        chunked, _ = op.adasplash_triton_forward(q, k, v, alpha, causal, varlen, SCALE, cfg, need_residuals=False)
+    assert len(calls) == len(op.forward_chunks(geo, cfg, budget)) == 4
+    assert torch.equal(chunked, whole)

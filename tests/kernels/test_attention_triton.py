@@ -33,25 +33,36 @@ CASES = [
     (1, 1, 1, 50, 16, 1.7, False, None),
 ]
 
+#: The configs below pin ``fwd_mode="staged"`` (their forward tiles are part of what they test);
+#: the declared default and FUSED / FUSED_O2 run the one-launch forward.
 #: every tile 16 (mask tile = compute tiles), fixed iteration count from the bracket's lower end
 SMALL = dict(tau_block_m=16, tau_block_n=16, tau_sweep_block_n=16, mask_m=16, mask_n=16, fwd_block_m=16,
              fwd_block_n=16, bwd_block_m=16, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=16, niter=10,
-             tau_tol=0.0, tau_init="lo", mask_source="sweeps")
+             tau_tol=0.0, tau_init="lo", mask_source="sweeps", fwd_mode="staged")
 #: compute tiles decoupled from a non-square mask tile, chunk bounds from the dense pass only,
 #: sweeps coarser than the dense pass, early exit on
 MIXED = dict(tau_block_m=32, tau_block_n=32, tau_sweep_block_n=64, mask_m=16, mask_n=32, fwd_block_m=32,
              fwd_block_n=64, bwd_block_m=16, bwd_block_n=64, bwd_q_block_m=64, bwd_q_block_n=32, niter=12,
-             tau_tol=0.003, tau_init="mid", mask_source="max", fwd_warps=2, bwd_warps=2, tau_stages=1)
+             tau_tol=0.003, tau_init="mid", mask_source="max", fwd_warps=2, bwd_warps=2, tau_stages=1,
+             fwd_mode="staged")
 #: the subset start with sweeps finer than the dense pass and a 16 x 16 mask under 64-row tiles,
 #: the fused backward (dQ by atomics)
 SUBSET = dict(tau_block_m=64, tau_block_n=64, tau_sweep_block_n=16, mask_m=16, mask_n=16, fwd_block_m=32,
               fwd_block_n=16, bwd_block_m=32, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=32, niter=8,
-              tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2, bwd_mode="fused")
+              tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2, bwd_mode="fused",
+              fwd_mode="staged")
 #: a second dense pass instead of chunk codes in the first, the fused backward on 64-key tiles
 DENSE2 = dict(tau_block_m=32, tau_block_n=64, tau_sweep_block_n=32, mask_m=16, mask_n=32, fwd_block_m=64,
               fwd_block_n=32, bwd_block_m=16, bwd_block_n=64, niter=8, tau_tol=0.003, tau_dense_passes=2,
-              bwd_mode="fused")
-CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET, "dense2": DENSE2}
+              bwd_mode="fused", fwd_mode="staged")
+#: tau, mask and forward in one launch (fwd_mode="fused", forward on tau's 32 x 32 tiles over a
+#: 16 x 16 mask; the fwd_* tiles are ignored), with the split backward
+FUSED = dict(tau_block_m=32, tau_block_n=16, tau_sweep_block_n=32, mask_m=16, mask_n=16, fwd_mode="fused",
+             fwd_block_m=16, fwd_block_n=64, bwd_block_m=32, bwd_block_n=16, niter=8, tau_tol=0.003,
+             tau_init="mid")
+#: the fused forward keeping O2 for the fused backward, after a second dense pass
+FUSED_O2 = dict(DENSE2, fwd_mode="fused")
+CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET, "dense2": DENSE2, "fused": FUSED, "fused_o2": FUSED_O2}
 
 
 def _inputs(case, dtype, device, seed=0):
@@ -107,6 +118,27 @@ def test_half_precision(dtype, triton_device):
 def test_every_output_element_is_written(triton_device):
     """Outputs and gradients allocated NaN-filled come back without NaN (ragged N, empty rows)."""
     _check((2, 2, 1, 37, 80, 1.5, True, (0, 29)), MIXED, torch.float32, triton_device, poison=True)
+
+
+def test_every_output_element_is_written_by_the_fused_forward(triton_device):
+    _check((2, 2, 1, 37, 80, 1.5, True, (0, 29)), FUSED, torch.float32, triton_device, poison=True)
+
+
+@pytest.mark.parametrize("causal,lens", [(False, None), (True, (45, 0)), (False, (70, 33))])
+def test_fused_forward_matches_the_staged_pipeline(causal, lens, triton_device):
+    """fwd_mode="fused" runs the staged forward's arithmetic on the same tiles: same tau, mask,
+    1 / sum p and output, O2 included."""
+    case = (len(lens) if lens else 1, 3, 1, 70, 48, 1.5, causal, lens)
+    q, k, v, alpha, causal, varlen = _inputs(case, torch.float32, triton_device, seed=3)
+    staged = dict(FUSED_O2, fwd_mode="staged", fwd_block_m=FUSED_O2["tau_block_m"],
+                  fwd_block_n=FUSED_O2["tau_sweep_block_n"])
+    runs = [op._forward(q.detach(), k.detach(), v.detach(), alpha, causal, varlen, 0.125,
+                        op.checked_config(cfg, q), True) for cfg in (FUSED_O2, staged)]
+    (out_f, stats_f, mask_f, o2_f), (out_s, stats_s, mask_s, o2_s) = runs
+    assert torch.equal(stats_f[0], stats_s[0]) and torch.equal(mask_f, mask_s)
+    torch.testing.assert_close(out_f, out_s, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats_f[1], stats_s[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(o2_f, o2_s, rtol=1e-6, atol=1e-7)
 
 
 def test_default_config_with_accuracy_knobs(triton_device):
@@ -339,7 +371,8 @@ def test_cpu_smoke_benchmark(tmp_path, triton_device):
 
 # every case in bfloat16 at two configs, and in float32 / float16 at one (compiles stay few)
 GPU_MATRIX = (
-    [(case, name, torch.bfloat16) for case in CASES for name in ("mixed", "default", "subset", "dense2")]
+    [(case, name, torch.bfloat16) for case in CASES
+     for name in ("mixed", "default", "subset", "dense2", "fused", "fused_o2")]
     + [(case, "small", torch.float32) for case in CASES]
     + [(CASES[1], "mixed", torch.float16), (CASES[4], "default", torch.float16),
        (CASES[3], "default", torch.float32)]
@@ -374,11 +407,18 @@ def test_gpu_large(case, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("case", [LARGE[0], LARGE[1], LARGE[4]], ids=_case_id)
+def test_gpu_large_fused_forward(case):
+    _check(case, {"fwd_mode": "fused"}, torch.bfloat16, "cuda", poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fwd_mode", ["staged", "fused"])
+def test_gpu_cuda_graph_capture(fwd_mode):
     """No host synchronisation: forward + backward capture in a CUDA graph and replay exactly."""
     case = (2, 4, 2, 1000, 64, 1.5, True, (1000, 517))
     q, k, v, alpha, causal, varlen = _inputs(case, torch.bfloat16, "cuda")
-    cfg = TRITON.default()
+    cfg = TRITON.default().replace(fwd_mode=fwd_mode)
     grad = torch.randn_like(q)
 
     def step():
@@ -400,7 +440,7 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["default", "subset"])
+@pytest.mark.parametrize("name", ["default", "subset", "fused"])
 def test_gpu_direct_launch_matches_triton_path(name, monkeypatch):
     """Re-launching compiled kernels directly (kernels/launch.py) gives exactly what Triton's own
     launches give (up to the fused backward's atomic dQ), also for inputs whose addresses are not

@@ -20,14 +20,16 @@ from ..spec import Config
 from .common import BIG, Geometry, alloc, dot_precision
 from .mask import TileLists
 
-__all__ = ["sparse_forward"]
+__all__ = ["sparse_forward", "forward_tiles", "forward_rows"]
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
-               offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-               B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_O2: tl.constexpr,
-               HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+def forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
+                  offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                  B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_O2: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate the listed key tiles LIST[i_lo:i_hi] into (acc, l_i) (and (acc2, l2) with
+    NEED_O2); MASKED tiles apply the causal / length mask."""
     for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
         cols = j * BN + offs_n
@@ -59,6 +61,39 @@ def _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
             l2 += tl.sum(w, axis=1)
             acc2 = tl.dot(w.to(v.dtype), v, acc2, input_precision=DOT_PREC)
     return acc, l_i, acc2, l2
+
+
+@triton.jit
+def forward_rows(O, INVL, O2, q, tau, K, V, kv_base, LIST, n_plain, n_all, offs_m, offs_n, offs_d, io_ptrs, io_mask,
+                 stat, row_in, seq_len, length, c, b_exp,
+                 B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_STATS: tl.constexpr, NEED_O2: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The sparse forward of one tile of query rows over the key tiles LIST[0:n_all] (the first
+    ``n_plain`` need no masking): accumulate, renormalise and store O at ``io_ptrs`` (with
+    NEED_STATS 1 / sum p at ``stat``, with NEED_O2 the support-weighted mean O2). Shared by the
+    forward kernel and the fused tau kernel."""
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    if NEED_O2:
+        acc2 = tl.zeros([BM, BD], dtype=tl.float32)
+        l2 = tl.zeros([BM], dtype=tl.float32)
+    else:  # unused placeholders (the loop returns them unchanged)
+        acc2 = tl.zeros([1, 1], dtype=tl.float32)
+        l2 = tl.zeros([1], dtype=tl.float32)
+    acc, l_i, acc2, l2 = forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, 0, n_plain,
+                                       offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                                       B_INT, False, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    acc, l_i, acc2, l2 = forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, n_plain, n_all,
+                                       offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
+                                       B_INT, True, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    tl.store(O + io_ptrs, (acc * inv[:, None]).to(O.dtype.element_ty), mask=io_mask)
+    if NEED_STATS:
+        tl.store(INVL + stat, inv, mask=row_in)
+    if NEED_O2:
+        inv2 = tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)
+        tl.store(O2 + io_ptrs, (acc2 * inv2[:, None]).to(O2.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -95,28 +130,9 @@ def _fwd_kernel(
     plain = tl.load(COUNT + row * 2 + 1)
     lst = LIST + row * n_kt
 
-    acc = tl.zeros([BM, BD], dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    if NEED_O2:
-        acc2 = tl.zeros([BM, BD], dtype=tl.float32)
-        l2 = tl.zeros([BM], dtype=tl.float32)
-    else:  # unused placeholders (the loop returns them unchanged)
-        acc2 = tl.zeros([1, 1], dtype=tl.float32)
-        l2 = tl.zeros([1], dtype=tl.float32)
-    acc, l_i, acc2, l2 = _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, lst, 0, plain,
-                                    offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                                    B_INT, False, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
-    acc, l_i, acc2, l2 = _fwd_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, lst, plain, count,
-                                    offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                                    B_INT, True, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
-    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-    o = acc * inv[:, None]
-    tl.store(O + io_ptrs, o.to(O.dtype.element_ty), mask=io_mask)
-    if NEED_STATS:
-        tl.store(INVL + stat, inv, mask=row_in)
-    if NEED_O2:
-        inv2 = tl.where(l2 > 0, 1.0 / tl.where(l2 > 0, l2, 1.0), 0.0)
-        tl.store(O2 + io_ptrs, (acc2 * inv2[:, None]).to(O2.dtype.element_ty), mask=io_mask)
+    forward_rows(O, INVL, O2, q, tau, K, V, kv_base, lst, plain, count, offs_m, offs_n, offs_d, io_ptrs, io_mask,
+                 stat, row_in, seq_len, length, c, b_exp, B_INT, IS_CAUSAL, NEED_STATS, NEED_O2, HEAD_DIM, EVEN_D,
+                 BM, BN, BD, DOT_PREC)
 
 
 @functools.lru_cache(maxsize=512)

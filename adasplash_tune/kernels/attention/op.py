@@ -1,5 +1,5 @@
-"""The Triton AdaSplash op: tau sweeps (+ block mask) -> tile lists -> sparse forward, and the sparse
-backward, as a ``torch.autograd.Function`` and as a forward/backward pair for the custom op.
+"""The Triton AdaSplash op: tau sweeps (+ block mask) -> tile lists -> sparse forward (or, with
+``fwd_mode="fused"``, all three in the tau kernel's one launch), and the sparse backward, as a ``torch.autograd.Function`` and as a forward/backward pair for the custom op.
 
 Nothing here synchronises with the host: buffers and grids depend on shapes only, loop counts are
 read on the device, so a call can be captured in a CUDA graph.
@@ -28,7 +28,7 @@ from .backward import sparse_backward_fused, sparse_backward_kv, sparse_backward
 from .common import Geometry, alloc, poison_outputs
 from .forward import sparse_forward
 from .mask import TileLists, list_size, tile_list_pair, tile_lists
-from .tau import mask_shape, solve_tau, tau_scratch_size
+from .tau import mask_shape, solve_tau, solve_tau_forward, tau_scratch_size
 
 __all__ = [
     "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
@@ -108,8 +108,9 @@ _SCRATCH_BUDGET_BYTES = 16 << 20
 def _forward_buffers(geo: Geometry, config: Config) -> tuple[tuple[int, int, int], int]:
     """(block-mask shape at the config's mask tile, int32 entries of the scratch that the tau
     sweeps and the forward's tile lists share)."""
-    fwd_tile = (config["fwd_block_m"], config["fwd_block_n"])
-    scratch = max(tau_scratch_size(geo, config), list_size(geo, fwd_tile, transposed=False))
+    scratch = tau_scratch_size(geo, config)
+    if config["fwd_mode"] != "fused":  # the fused kernel walks the sweeps' own lists
+        scratch = max(scratch, list_size(geo, (config["fwd_block_m"], config["fwd_block_n"]), transposed=False))
     return (geo.rows, *mask_shape(geo, config)), scratch
 
 
@@ -206,8 +207,8 @@ _AHEAD_OUTCOME = ["none"]  # how the last compile-ahead went (tests): parallel /
 
 @functools.lru_cache(maxsize=1)
 def _parallel_compile_requested() -> bool:
-    """``ADASPLASH_TUNE_PARALLEL_COMPILE=1`` (read once per process): opt-in until it is timed on a
-    GPU. Off, a call does no compile-ahead work at all."""
+    """``ADASPLASH_TUNE_PARALLEL_COMPILE=1`` (read once per process): opt-in (on the H200 it saved
+    nothing: the tau kernel's compile dominates). Off, a call does no compile-ahead work at all."""
     return os.environ.get("ADASPLASH_TUNE_PARALLEL_COMPILE", "0") == "1"
 
 
@@ -253,6 +254,11 @@ def _stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask
 
 def _run_stages(q, k, v, alpha, is_causal, varlen, scale, config, need_o2, geo, mask, scratch, tau_out, inv_l_out,
                 out, o2_out):
+    if config["fwd_mode"] == "fused":
+        out, _, o2 = solve_tau_forward(q, k, v, varlen, alpha, scale, is_causal, config, mask, scratch,
+                                       need_o2=need_o2, tau_out=tau_out, inv_l_out=inv_l_out, out=out,
+                                       o2_out=o2_out, geo=geo)
+        return out, o2
     tau = solve_tau(q, k, varlen, alpha, scale, is_causal, config, mask, scratch, out=tau_out, geo=geo)
     lists = tile_lists(mask, geo, varlen, is_causal, (config["mask_m"], config["mask_n"]),
                        (config["fwd_block_m"], config["fwd_block_n"]), transposed=False, buffer=scratch)
@@ -451,14 +457,16 @@ def _compute_dtype(q, k, v):
 
 def forward_stages(q, k, v, alpha: float, is_causal: bool, varlen, scale: float, config: Config) -> dict[str, Any]:
     """Run the forward stage by stage and return the intermediates: ``tau`` (B*Hq, N) in z units,
-    ``mask`` (B*Hq, TM, TN) int8, ``lists`` (TileLists of the forward tiling) and ``out``."""
+    ``mask`` (B*Hq, TM, TN) int8, ``lists`` (TileLists of the forward tiling: tau's tiles when
+    fused) and ``out``."""
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     out, stats, mask, _ = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg, True)
     tau = stats[0]
     geo = Geometry.of(qc, kc)
-    lists: TileLists = tile_lists(mask, geo, lens, is_causal, (cfg["mask_m"], cfg["mask_n"]),
-                                  (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)
+    fused = cfg["fwd_mode"] == "fused"  # the fused kernel's forward runs on tau's tiles
+    tile = (cfg["tau_block_m"], cfg["tau_sweep_block_n"]) if fused else (cfg["fwd_block_m"], cfg["fwd_block_n"])
+    lists: TileLists = tile_lists(mask, geo, lens, is_causal, (cfg["mask_m"], cfg["mask_n"]), tile, transposed=False)
     return {"tau": tau, "mask": mask, "lists": lists, "out": out, "config": cfg}
 
 

@@ -25,6 +25,9 @@ One program owns ``tau_block_m`` query rows of one head.
    ``tau_dense_passes=2`` drops the chunk codes from the dense pass (no per-tile cross-warp
    reduction there) and makes the first sweep dense instead: it visits every tile and writes
    every chunk's exact code.
+   With ``fwd_mode="fused"`` the program then runs the sparse forward of its own rows (the
+   forward kernel's loop, ``forward.forward_rows``) over the key tiles whose chunks clear the
+   final tau: tau, mask and output in one launch, no tile-list stage, no second read of q.
 4. **The mask.** Finally every chunk of the program's row groups is written as 0/1: active when its
    bound plus ``max over the group of (tau_ref - tau)`` is positive (a superset of the chunks
    holding some ``z > tau``, so the sparse products computed from it are exact). Every entry of
@@ -47,9 +50,10 @@ from ..powers import tau_terms
 from ..problem import integer_b
 from ..spec import Config
 from ..threshold import halley_step, subset_tau
-from .common import BIG, Geometry, dot_precision
+from .common import BIG, Geometry, alloc, dot_precision
+from .forward import forward_rows
 
-__all__ = ["solve_tau", "resolve_tol", "mask_shape", "tau_scratch_size", "STATS_SLOTS"]
+__all__ = ["solve_tau", "solve_tau_forward", "resolve_tol", "mask_shape", "tau_scratch_size", "STATS_SLOTS"]
 
 #: Entries of the optional statistics buffer: [0] programs, [1 + k] tiles visited by sweep k,
 #: [1 + MAX_SWEEPS + k] programs that ran sweep k.
@@ -261,12 +265,12 @@ def _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT: tl.constexpr):
 
 @triton.jit
 def _tau_kernel(
-    Q, K, TAU, MASK, LIST, LENS, STATS,
+    Q, K, V, TAU, O, INVL, O2, MASK, LIST, LENS, STATS,
     seq_len, H, GROUP, TM, TN, n_mblocks, n_stiles,
     c, b_exp, hi_exp, tol, niter,
     B_INT: tl.constexpr, INIT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, CODES: tl.constexpr,
-    WITH_STATS: tl.constexpr,
+    WITH_STATS: tl.constexpr, FORWARD: tl.constexpr, NEED_INVL: tl.constexpr, NEED_O2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
     MN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -402,9 +406,22 @@ def _tau_kernel(
         it += 1
         go = (it < niter) & (tl.max(step, axis=0) > tol)
     tl.store(TAU + pid_bh.to(tl.int64) * seq_len + offs_m, tau, mask=offs_m < seq_len)
+    shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
+
+    # 3b. (fwd_mode="fused") the sparse forward of these rows: the key tiles holding a chunk
+    # whose bound clears the final tau, the same tiles the staged forward's lists hold
+    if FORWARD:
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, js_stop * (BNS // MN), shift, shift,
+                             BM, MM, BNS // MN, False)
+        n_lead = _count_below(lst, n_list, js_full)
+        row_in = offs_m < seq_len
+        forward_rows(O, INVL, O2, q, tau, K, V, kv_base, lst, n_lead, n_list, offs_m, offs_ns, offs_d,
+                     q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                     row_in[:, None] & (offs_d[None, :] < HEAD_DIM), pid_bh.to(tl.int64) * seq_len + offs_m, row_in,
+                     seq_len, length, c, b_exp, B_INT, IS_CAUSAL, NEED_INVL, NEED_O2, HEAD_DIM, EVEN_D,
+                     BM, BNS, BD, DOT_PREC)
 
     # 4. the block mask as 0/1 for every chunk of this program's row groups
-    shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
     chunk_stop = js_stop * (BNS // MN)
     ccols0 = tl.arange(0, 64)
     for c0 in range(0, TN, 64):
@@ -445,9 +462,11 @@ _INIT = {"lo": 0, "mid": 1, "subset": 2}
 
 @functools.lru_cache(maxsize=512)
 def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_causal: bool, has_varlen: bool,
-               dtype: torch.dtype, with_stats: bool) -> Launch:
+               dtype: torch.dtype, with_stats: bool, forward: bool = False, need_invl: bool = False,
+               need_o2: bool = False) -> Launch:
     """The tau kernel's launch for one problem and config (grid, scalars, constexprs, options):
-    planned once, so a warm call only allocates and launches."""
+    planned once, so a warm call only allocates and launches. ``forward``: the fused kernel that
+    also runs the sparse forward of its rows (``fwd_mode="fused"``)."""
     bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
     tm, tn = mask_shape(geo, config)
     n_mblocks = triton.cdiv(geo.seq_len, bm)
@@ -458,7 +477,7 @@ def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_cau
         B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
         HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
         TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
-        WITH_STATS=with_stats,
+        WITH_STATS=with_stats, FORWARD=forward, NEED_INVL=forward and need_invl, NEED_O2=forward and need_o2,
         BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
         DOT_PREC=dot_precision(dtype),
         num_warps=config["tau_warps"], num_stages=config["tau_stages"],
@@ -492,5 +511,41 @@ def solve_tau(
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
     lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
-    run(q, k, tau, mask, scratch, lens, stats if stats is not None else tau)
+    run(q, k, k, tau, tau, tau, tau, mask, scratch, lens, stats if stats is not None else tau)
     return tau
+
+
+def solve_tau_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    varlen: torch.Tensor | None,
+    alpha: float,
+    scale: float,
+    is_causal: bool,
+    config: Config,
+    mask: torch.Tensor,
+    scratch: torch.Tensor,
+    *,
+    need_o2: bool = False,
+    tau_out: torch.Tensor | None = None,
+    inv_l_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    o2_out: torch.Tensor | None = None,
+    geo: Geometry | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``fwd_mode="fused"``: tau, the block mask and the sparse forward in one launch, each
+    program running the forward of its own rows over the key tiles (``tau_block_m`` x
+    ``tau_sweep_block_n``) that hold support. Returns (out in q's shape and dtype, tau, O2 or
+    None); writes ``inv_l_out`` (1 / sum p) when given. Buffers as in :func:`solve_tau` and
+    ``sparse_forward`` (None: allocated)."""
+    geo = Geometry.of(q, k) if geo is None else geo
+    run = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, False, True,
+                     inv_l_out is not None, need_o2)
+    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if tau_out is None else tau_out
+    out = alloc(q.shape, q.dtype, q.device) if out is None else out
+    o2 = (alloc(q.shape, q.dtype, q.device) if o2_out is None else o2_out) if need_o2 else None
+    lens = varlen if varlen is not None else tau
+    run(q, k, v, tau, out, inv_l_out if inv_l_out is not None else tau, o2 if o2 is not None else out, mask,
+        scratch, lens, tau)
+    return out, tau, o2

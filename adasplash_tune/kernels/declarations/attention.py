@@ -62,6 +62,11 @@ _TRITON_PARAMS = (
           "chunk bounds behind the block mask from the dense pass only (against the running max) "
           "or made exact by every sweep that visits the chunk (tighter mask, one more reduction "
           "per visited score)"),
+    Param("fwd_mode", ("staged", "fused"), "fused",
+          "staged: the tau kernel, a tile-list kernel and the forward kernel (three launches, forward "
+          "tiles of their own); fused: each tau program runs the forward of its rows itself, one "
+          "launch, on tau's tiles (tau_block_m x tau_sweep_block_n), warps and stages (fwd_block_*, "
+          "fwd_warps and fwd_stages unused)"),
     Param("fwd_block_m", TILES, 64),
     Param("fwd_block_n", TILES, 64),
     Param("fwd_warps", (2, 4, 8), 4),
@@ -96,9 +101,13 @@ def triton_smem_estimates(values: Mapping[str, Any], head_dim: int, dtype_bytes:
         return max(int(stages) - 1, 1)
 
     v = values
+    tau = (eb * d * (v["tau_block_m"] + bufs(v["tau_stages"]) * max(v["tau_block_n"], v["tau_sweep_block_n"]))
+           + 4 * v["tau_block_m"] * max(v["tau_block_n"], v["tau_sweep_block_n"]))
+    if v.get("fwd_mode") == "fused":  # the forward loop's K and V tiles on tau's tiles (buffers reused between loops)
+        tau = max(tau, eb * d * (v["tau_block_m"] + 2 * bufs(v["tau_stages"]) * v["tau_sweep_block_n"])
+                  + 2 * eb * v["tau_block_m"] * v["tau_sweep_block_n"])
     return {
-        "tau": eb * d * (v["tau_block_m"] + bufs(v["tau_stages"]) * max(v["tau_block_n"], v["tau_sweep_block_n"]))
-        + 4 * v["tau_block_m"] * max(v["tau_block_n"], v["tau_sweep_block_n"]),
+        "tau": tau,
         "fwd": eb * d * (v["fwd_block_m"] + 2 * bufs(v["fwd_stages"]) * v["fwd_block_n"])
         + 2 * eb * v["fwd_block_m"] * v["fwd_block_n"],
         "bwd": eb * d * (2 * v["bwd_block_n"] + 2 * bufs(v["bwd_stages"]) * v["bwd_block_m"])
@@ -122,7 +131,7 @@ def _multiple(a: str, b: str) -> Constraint:
 
 
 _STAGE_PARAMS = {
-    "tau": ("tau_block_m", "tau_block_n", "tau_sweep_block_n", "tau_stages"),
+    "tau": ("tau_block_m", "tau_block_n", "tau_sweep_block_n", "tau_stages", "fwd_mode"),
     "fwd": ("fwd_block_m", "fwd_block_n", "fwd_stages"),
     "bwd": ("bwd_block_m", "bwd_block_n", "bwd_stages"),
     "bwd_q": ("bwd_q_block_m", "bwd_q_block_n", "bwd_q_stages"),
