@@ -148,6 +148,10 @@ class KernelSpec:
     constraints: tuple[Constraint, ...] = ()
     sources: tuple[str, ...] = ()
     doc: str = ""
+    #: ``inert(values)``: the names whose values make no difference given the others (e.g. the
+    #: staged forward's tiles once the forward runs fused): constraints on them do not bind, and
+    #: the tuner treats configs that differ only there as one point.
+    inert: Callable[[Mapping[str, Any]], Iterable[str]] | None = field(default=None, compare=False, repr=False)
     _by_name: dict[str, Param] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -176,10 +180,19 @@ class KernelSpec:
     def default(self) -> Config:
         return self._make({p.name: p.default for p in self.params})
 
+    def inert_names(self, values: Mapping[str, Any]) -> frozenset[str]:
+        """The names in ``values`` whose values make no difference given the others."""
+        return frozenset(self.inert(values)) if self.inert is not None else frozenset()
+
+    def binding(self, values: Mapping[str, Any]) -> tuple[Constraint, ...]:
+        """The constraints that apply to ``values``: those on no inert name."""
+        inert = self.inert_names(values)
+        return self.constraints if not inert else tuple(c for c in self.constraints if inert.isdisjoint(c.params))
+
     def violations(self, values: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> list[str]:
         """The constraints that ``values`` (a complete mapping) violates, as readable strings."""
         ctx = context or {}
-        return [c.doc for c in self.constraints if not c.check(values, ctx)]
+        return [c.doc for c in self.binding(values) if not c.check(values, ctx)]
 
     def validate(
         self,
@@ -210,7 +223,7 @@ class KernelSpec:
             raise ConfigError(f"config for {self.kernel} ({self.backend}) lacks fields {missing}")
         for name in missing:
             merged[name] = self._by_name[name].default
-        for constraint in self.constraints:
+        for constraint in self.binding(merged):
             if not constraint.check(merged, context or {}):
                 shown = ", ".join(f"{n}={merged[n]!r}" for n in constraint.params)
                 raise ConfigError(

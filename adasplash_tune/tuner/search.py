@@ -210,7 +210,7 @@ class StageSearch:
 
     def _key_of(self, params: Mapping[str, Any]) -> tuple | None:
         try:
-            return point_key(self._decode(params), self.free)
+            return point_key(self.space.canonical(self._decode(params)), self.free)
         except (KeyError, IndexError, ValueError, TypeError):  # params not all set yet (another tuner's ask)
             return None
 
@@ -362,7 +362,7 @@ class StageSearch:
             self._mine[trial.number] = trial
             self._heartbeats.add(trial.number)  # first its heartbeat, then its owner: see lost_trials
             trial.set_user_attr(OWNER, owner_record(self._run_id))
-            values = self._decode(trial.params)
+            values = self.space.canonical(self._decode(trial.params))  # inert knobs at their defaults
             key = point_key(values, self.free)
             if not self.space.is_valid(values):
                 self._tell_miss(trial, values, "invalid")

@@ -205,11 +205,17 @@ class SearchSpace:
         return {d.name: d.nearest(d.default) for d in self.dims}
 
     def canonical(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Complete ``values`` with defaults and map each into its dimension's choices."""
+        """Complete ``values`` with defaults and map each into its dimension's choices; knobs the
+        others make inert (``KernelSpec.inert``) take their defaults, so configs that differ only
+        there are one point."""
         out = self.default_values()
         for name, value in values.items():
             if name in self._by_name:
                 out[name] = self._by_name[name].nearest(value)
+        for name in self.spec.inert_names(out):
+            if name in self._by_name:
+                dim = self._by_name[name]
+                out[name] = dim.nearest(dim.default)
         return out
 
     def split(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -229,7 +235,8 @@ class SearchSpace:
             return problems
         spec_values, _ = self.split(values)
         problems += self.spec.violations(spec_values, self.context)
-        problems += [r.doc for r in self.rules if not r.check(values, self.context)]
+        inert = self.spec.inert_names(values)
+        problems += [r.doc for r in self.rules if inert.isdisjoint(r.params) and not r.check(values, self.context)]
         return problems
 
     def is_valid(self, values: Mapping[str, Any]) -> bool:
@@ -242,7 +249,7 @@ class SearchSpace:
         for combo in itertools.product(*(d.choices for d in dims)):
             values = dict(base)
             values.update(zip(free, combo))
-            if self.is_valid(values):
+            if self.is_valid(values) and self.canonical(values) == values:  # one config per point
                 yield values
 
     def sample(self, rng: random.Random, free: Sequence[str], fixed: Mapping[str, Any],
@@ -253,6 +260,7 @@ class SearchSpace:
             values = dict(base)
             for name in free:
                 values[name] = rng.choice(self.dim(name).choices)
+            values = self.canonical(values)
             if self.is_valid(values):
                 return values
         return None

@@ -102,7 +102,8 @@ def test_import_rejects_invalid_rows_and_keeps_valid_ones(store, make_entry, tmp
 def test_import_rejects_violated_constraint(make_entry, tmp_path):
     entry = make_entry(key=attn_key(seq=512, backend="triton"))
     entry.backend = "triton"
-    spec_cfg = dict(get_spec("adasplash", "triton").default().as_dict(), mask_m=64, fwd_block_m=32)
+    spec_cfg = dict(get_spec("adasplash", "triton").default().as_dict(), mask_m=64, fwd_block_m=32,
+                    fwd_mode="staged")
     good = dict(entry.to_dict(), config=dict(spec_cfg, fwd_block_m=128))
     bad = dict(entry.to_dict(), config=spec_cfg)  # fwd_block_m 32 is not a multiple of mask_m 64
     path = tmp_path / "constraint.json"

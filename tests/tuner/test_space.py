@@ -73,8 +73,10 @@ def test_rocm_layers_its_own_knobs_on_the_spec():
 def test_rocm_mfma_rule_prunes_tiles_smaller_than_the_instruction():
     space = build_space("adasplash", "triton", target="rocm")
     values = space.default_values()
-    values.update(fwd_block_m=16, mask_m=16, fwd_matrix_instr_nonkdim=32)
+    values.update(fwd_block_m=16, mask_m=16, fwd_matrix_instr_nonkdim=32, fwd_mode="staged")
     assert any("fwd_matrix_instr_nonkdim" in v for v in space.violations(values))
+    # with the forward fused into the tau kernel the staged forward's knobs do not bind
+    assert not any("fwd_matrix_instr_nonkdim" in v for v in space.violations({**values, "fwd_mode": "fused"}))
     values.update(fwd_block_m=64, fwd_block_n=64, mask_n=64)
     assert space.is_valid(values)
 
@@ -83,7 +85,7 @@ def test_shared_memory_bound_prunes_before_compiling():
     small = {"head_dim": 256, "dtype_bytes": 4, "max_shared_mem": 100 * 1024}
     space = build_space("adasplash", "triton", target="cuda", context=small)
     values = space.default_values()
-    values.update(fwd_block_n=128, fwd_stages=4, mask_n=64)  # 3 * 128 * 256 * 4 bytes > 100 KiB
+    values.update(fwd_block_n=128, fwd_stages=4, mask_n=64, fwd_mode="staged")  # 3 * 128 * 256 * 4 bytes > 100 KiB
     assert any("max_shared_mem" in v for v in space.violations(values))
     # every stage at 16-wide tiles, two stages: each estimate stays well under 100 KiB
     values.update({n: 16 for n in values if n.endswith(("block_m", "block_n")) or n in ("mask_m", "mask_n")})
@@ -127,8 +129,11 @@ def test_iter_valid_equals_the_pruned_cartesian_product():
     brute = []
     for combo in itertools.product(*(space.dim(n).choices for n in free)):
         values = {**fixed, **dict(zip(free, combo))}
+        inert = {n for n in free if n != "fwd_mode"} if values["fwd_mode"] == "fused" else set()
+        if any(values[n] != fixed[n] for n in inert):  # the same config as its canonical point
+            continue
         if not get_spec("adasplash", "triton").violations(values, context) and all(
-                r.check(values, context) for r in space.rules):
+                r.check(values, context) for r in space.rules if inert.isdisjoint(r.params)):
             brute.append(values)
     assert got == brute and 0 < len(got) < space.size(free)
     sample = space.sample(random.Random(3), free, fixed)
@@ -143,3 +148,31 @@ def test_restrict_bounds_a_space_and_rejects_unknown_choices():
         space.restrict({"rows": (3,)})
     with pytest.raises(ValueError, match="unknown knobs"):
         space.restrict({"bogus": (1,)})
+
+
+def test_inert_knobs_collapse_to_one_point():
+    """fwd_mode="fused" makes the staged forward's knobs inert (and bwd_mode="fused" the dQ
+    kernel's): canonical() puts them at their defaults, the grid enumerates each distinct config
+    once, sampling returns canonical points, and constraints on inert knobs do not bind."""
+    space = build_space("adasplash", "triton", target="cuda")
+    spec = get_spec("adasplash", "triton")
+    default = space.default_values()
+    fused = space.canonical({**default, "fwd_mode": "fused", "fwd_block_m": 128, "fwd_warps": 8})
+    assert fused == {**default, "fwd_mode": "fused"}
+    staged = space.canonical({**default, "fwd_mode": "staged", "fwd_block_m": 128})
+    assert staged["fwd_block_m"] == 128
+    back = space.canonical({**default, "bwd_mode": "fused", "bwd_q_block_m": 16, "bwd_block_m": 32})
+    assert back["bwd_q_block_m"] == default["bwd_q_block_m"] and back["bwd_block_m"] == 32
+    fwd = space.stage_names("fwd")
+    points = list(space.iter_valid(fwd, default))
+    assert sum(p["fwd_mode"] == "fused" for p in points) == 1
+    keys = [tuple(p[n] for n in fwd) for p in points]
+    assert len(keys) == len(set(keys)) and any(p["fwd_mode"] == "staged" for p in points)
+    rng = random.Random(0)
+    for _ in range(50):
+        p = space.sample(rng, fwd, default)
+        assert p == space.canonical(p)
+    # fwd_block_m = 16 under a 64-row mask tile: invalid staged, irrelevant fused
+    odd = {**spec.default().as_dict(), "fwd_block_m": 16, "mask_m": 64}
+    assert spec.violations({**odd, "fwd_mode": "staged"}) and not spec.violations({**odd, "fwd_mode": "fused"})
+    assert spec.validate({**odd, "fwd_mode": "fused"})["fwd_block_m"] == 16

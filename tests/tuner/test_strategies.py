@@ -143,3 +143,34 @@ def test_registry_is_lazy_and_names_unknown_strategies():
         assert get_strategy(name).name == name
     with pytest.raises(ValueError, match="unknown strategy 'annealing'"):
         get_strategy("annealing")
+
+
+@pytest.mark.parametrize("name", ["grid", "random", "tpe"])
+def test_configs_differing_only_in_inert_knobs_are_timed_once(name):
+    """The attention forward stage with fwd_mode free: once fused, the staged forward's tiles
+    are inert, so no strategy times two configs that differ only there, and grid and random
+    exhaust the stage at its distinct configs."""
+    space = build_space("adasplash", "triton", target="cuda").restrict(
+        {"fwd_block_m": (32, 64), "fwd_block_n": (32, 64), "fwd_warps": (4,), "fwd_stages": (2, 3),
+         "mask_m": (32,), "mask_n": (32,)})
+    free = space.stage_names("fwd")
+    start = space.default_values()
+    cls = get_strategy(name)
+    strategy = cls(space, free, start, seed=3, budget=40)
+    study = optuna.create_study(sampler=strategy.sampler(), directions=["minimize"])
+    seen = []
+
+    def evaluate(values):
+        seen.append(dict(values))
+        return Outcome(ok=True, objective=1.0 + 0.1 * (values["fwd_mode"] == "staged") + values["fwd_block_m"] / 1e3,
+                       error=1e-4)
+
+    result = StageSearch(study, strategy, space, budget=40, evaluate=evaluate, start=start).run()
+    assert seen and all(v == space.canonical(v) for v in seen)
+    keys = [tuple(v[n] for n in free) for v in seen]
+    assert len(keys) == len(set(keys))
+    distinct = list(space.iter_valid(free, start))
+    assert sum(v["fwd_mode"] == "fused" for v in seen) == 1 and len(distinct) == 1 + 2 * 2 * 2
+    if name != "tpe":
+        assert result.exhausted and len(seen) == len(distinct)
+    assert result.best_values["fwd_mode"] == "fused"

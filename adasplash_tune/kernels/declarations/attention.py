@@ -74,8 +74,8 @@ _TRITON_PARAMS = (
     Param("bwd_mode", ("split", "fused"), "split",
           "split: a dQ kernel (which finds delta on the way) then a dK/dV kernel, eight products per "
           "visited tile; fused: one kernel per key tile adds dQ by atomics, five products, with delta "
-          "from a support-weighted mean the forward keeps (one more product there); dQ's "
-          "summation order then varies between runs"),
+          "from a support-weighted mean the forward keeps (one more product there; bwd_q_* "
+          "unused); dQ's summation order then varies between runs"),
     Param("bwd_block_m", TILES, 64, "dK/dV kernel: query rows per step"),
     Param("bwd_block_n", TILES, 64, "dK/dV kernel: keys per program"),
     Param("bwd_warps", (2, 4, 8), 4),
@@ -154,6 +154,18 @@ _TRITON_CONSTRAINTS = (
     for stage, params in _STAGE_PARAMS.items()
 )
 
+def _inert(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """Knobs that make no difference given the modes: the staged forward's (``fwd_*``, target
+    extras included) once the forward runs fused in the tau kernel, the dQ kernel's (``bwd_q_*``)
+    once the backward is fused."""
+    names: list[str] = []
+    if values.get("fwd_mode") == "fused":
+        names += [n for n in values if n.startswith("fwd_") and n != "fwd_mode"]
+    if values.get("bwd_mode") == "fused":
+        names += [n for n in values if n.startswith("bwd_q_")]
+    return tuple(names)
+
+
 TRITON = KernelSpec(
     kernel="adasplash",
     backend="triton",
@@ -162,6 +174,7 @@ TRITON = KernelSpec(
     params=_TRITON_PARAMS,
     constraints=_TRITON_CONSTRAINTS,
     sources=("kernels/attention", "kernels/declarations/attention.py"),
+    inert=_inert,
 )
 
 SPECS = {"triton": TRITON, "torch": TORCH}
