@@ -507,11 +507,20 @@ def solve_tau(
     the caller has it."""
     geo = Geometry.of(q, k) if geo is None else geo
     run = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, stats is not None)
-    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if out is None else out
     if scratch is None:
         scratch = torch.empty(tau_scratch_size(geo, config), dtype=torch.int32, device=q.device)
-    lens = varlen if varlen is not None else tau  # dummy pointer when there is no varlen
-    run(q, k, k, tau, tau, tau, tau, mask, scratch, lens, stats if stats is not None else tau)
+    return _launch(run, geo, q, k, k, varlen, mask, scratch, out, stats=stats)
+
+
+def _launch(run: Launch, geo: Geometry, q, k, v, varlen, mask, scratch, tau_out, *, stats=None, out=None,
+            inv_l=None, o2=None) -> torch.Tensor:
+    """Launch the tau kernel (with or without the fused forward): allocates tau when ``tau_out``
+    is None and passes tau as the dummy pointer of every buffer the launch does not use."""
+    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if tau_out is None else tau_out
+    dummy = tau
+    run(q, k, v, tau, out if out is not None else dummy, inv_l if inv_l is not None else dummy,
+        o2 if o2 is not None else (out if out is not None else dummy), mask, scratch,
+        varlen if varlen is not None else dummy, stats if stats is not None else dummy)
     return tau
 
 
@@ -542,10 +551,7 @@ def solve_tau_forward(
     geo = Geometry.of(q, k) if geo is None else geo
     run = tau_launch(geo, config, alpha, scale, is_causal, varlen is not None, q.dtype, False, True,
                      inv_l_out is not None, need_o2)
-    tau = torch.empty((geo.rows, geo.seq_len), dtype=torch.float32, device=q.device) if tau_out is None else tau_out
     out = alloc(q.shape, q.dtype, q.device) if out is None else out
     o2 = (alloc(q.shape, q.dtype, q.device) if o2_out is None else o2_out) if need_o2 else None
-    lens = varlen if varlen is not None else tau
-    run(q, k, v, tau, out, inv_l_out if inv_l_out is not None else tau, o2 if o2 is not None else out, mask,
-        scratch, lens, tau)
+    tau = _launch(run, geo, q, k, v, varlen, mask, scratch, tau_out, out=out, inv_l=inv_l_out, o2=o2)
     return out, tau, o2
