@@ -22,10 +22,11 @@ import functools
 import os
 from typing import Any, Iterator
 
-__all__ = ["Launch", "direct_launch_enabled", "compile_only", "parallel_compile"]
+__all__ = ["Launch", "direct_launch_enabled", "env_value", "compile_only", "parallel_compile"]
 
 _COMPILE_ONLY = [False]
 _ASYNC = [False]  # inside parallel_compile: warmups return futures, loaded when first launched
+_INT_POINTERS = [True]  # whether compiled launchers take raw addresses (Triton's do: ints skip data_ptr())
 
 
 @contextlib.contextmanager
@@ -76,8 +77,30 @@ def _async_compile_mode() -> Any:
 def direct_launch_enabled() -> bool:
     """Whether compiled kernels are re-launched directly (off under the interpreter or when
     ``ADASPLASH_TUNE_DIRECT_LAUNCH=0``). Read per call: tests and benchmarks may toggle it."""
-    env = os.environ
-    return env.get("ADASPLASH_TUNE_DIRECT_LAUNCH", "1") != "0" and env.get("TRITON_INTERPRET", "0") != "1"
+    return env_value("ADASPLASH_TUNE_DIRECT_LAUNCH", "1") != "0" and env_value("TRITON_INTERPRET", "0") != "1"
+
+
+def _environ_reader() -> Any:
+    """``env_value(name, default)``: a variable of the live environment. On POSIX it reads
+    ``os.environ``'s own bytes dict (what ``os.environ[...] = ...`` and monkeypatching update):
+    a tenth of ``os.environ.get``'s cost, which encodes, looks up and decodes (~0.7 µs a read,
+    twice per launch). Elsewhere it is ``os.environ.get``."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return os.environ.get
+    keys: dict[str, bytes] = {}
+
+    def getenv(name: str, default: str) -> str:
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = os.fsencode(name)
+        value = data.get(key)
+        return default if value is None else os.fsdecode(value)
+
+    return getenv
+
+
+env_value = _environ_reader()
 
 
 class Launch:
@@ -95,7 +118,7 @@ class Launch:
         self._direct: dict[int, tuple | None] = {}  # (alignment, device) -> (run, function, packed, tail)
 
     def __call__(self, *tensors: Any) -> None:
-        if _COMPILE_ONLY[0] and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if _COMPILE_ONLY[0] and env_value("TRITON_INTERPRET", "0") != "1":
             kernel = self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
             load = None if _ASYNC[0] else getattr(kernel, "_init_handles", None)  # a future under _ASYNC
             if load is not None:  # loading is where a kernel that needs too much shared memory fails
@@ -122,6 +145,38 @@ class Launch:
         kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
         if entry is False:  # first launch with this alignment on this device: record the compiled kernel
             self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
+
+    def ready(self) -> bool:
+        """Whether :meth:`direct` may launch: a compiled kernel is recorded and neither the
+        environment nor a compile-only context asks for Triton's own path."""
+        return bool(self._direct) and not _COMPILE_ONLY[0] and _INT_POINTERS[0] and direct_launch_enabled()
+
+    def direct(self, *pointers: int) -> bool:
+        """After :meth:`ready`: launch with raw device addresses (ints, one per leading tensor
+        parameter) when a compiled kernel is recorded for their 16-byte-alignment pattern on the
+        current device and no launch hook is set; returns whether it launched. False leaves the
+        launch to ``__call__`` with tensors (the first launch of a pattern, a profiler's hook, a
+        Triton whose launcher takes no ints). The caller keeps the memory alive until the kernel
+        is enqueued; stream order does the rest, as for any temporary."""
+        odd, bit = 0, 1
+        for p in pointers:
+            if p & 15:
+                odd |= bit
+            bit <<= 1
+        drv = _driver()
+        device = drv.get_current_device()
+        entry = self._direct.get(odd << 8 | device)
+        if not entry or _hooks_set():
+            return False
+        run, function, packed, tail = entry
+        g = self.grid
+        try:
+            run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, drv.get_current_stream(device),
+                function, packed, None, None, None, *pointers, *tail)
+        except TypeError:  # this Triton's launcher wants tensors: never try ints again
+            _INT_POINTERS[0] = False
+            return False
+        return True
 
     def __repr__(self) -> str:
         return f"Launch({getattr(self.fn, '__name__', self.fn)!s}, grid={self.grid})"

@@ -296,3 +296,53 @@ def test_gpu_first_call_compiles_in_parallel_and_matches_the_serial_compile(tmp_
         outcomes.append(proc.stdout.strip().splitlines()[-1])
     assert outcomes == ["parallel", "none"]
     assert torch.equal(torch.load(tmp_path / "parallel.pt"), torch.load(tmp_path / "serial.pt"))
+
+
+def test_direct_with_addresses_after_a_recorded_launch(direct, monkeypatch):
+    """``ready``/``direct``: raw addresses go to the compiled launcher in the tensors' places, once
+    Triton's path recorded the kernel for that alignment pattern; otherwise nothing launches."""
+    fn, x = _FakeJit(), torch.zeros(8)
+    run = Launch(fn, (4, 2), (5, 0.5), {"BM": 16})
+    assert not run.ready() and not run.direct(x.data_ptr())  # nothing recorded yet
+    run(x)
+    assert run.ready()
+    assert run.direct(4096)
+    assert fn.log[-1] == ("direct", (4, 2, 1, 99, "fn-handle", "packed", None, None, None, 4096, 5, 0.5, 16, 7))
+    assert not run.direct(4096 + 4)  # a misaligned address: a pattern Triton's path has not seen
+    monkeypatch.setattr(launch_mod, "_hooks_set", lambda: True)
+    assert not run.direct(4096)  # a profiler's hook sees every launch: Triton's path
+    monkeypatch.setattr(launch_mod, "_hooks_set", lambda: False)
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "0")
+    assert not run.ready()
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "1")
+    with launch_mod.compile_only():
+        assert not run.ready()
+    assert _kinds(fn) == ["triton", "direct"]
+
+
+def test_a_launcher_refusing_addresses_turns_them_off(direct, monkeypatch):
+    fn, x = _FakeJit(), torch.zeros(8)
+
+    def refuse(*args):
+        if isinstance(args[9], int):
+            raise TypeError("pointer argument must be a tensor")
+        fn.log.append(("direct", args))
+
+    fn.compiled.run = refuse
+    run = Launch(fn, (1,), (5, 0.5), {"BM": 16})
+    run(x)
+    monkeypatch.setattr(launch_mod, "_INT_POINTERS", [True])
+    assert not run.direct(4096)
+    assert not run.ready()  # never tried again in this process
+    run(x)  # tensors still launch directly
+    assert _kinds(fn) == ["triton", "direct"]
+
+
+def test_environment_reads_follow_changes(monkeypatch):
+    """The per-launch environment reads see ``os.environ`` as it is now."""
+    monkeypatch.setenv("ADASPLASH_TUNE_TEST_FLAG", "abc")
+    assert launch_mod.env_value("ADASPLASH_TUNE_TEST_FLAG", "-") == "abc"
+    monkeypatch.setenv("ADASPLASH_TUNE_TEST_FLAG", "0")
+    assert launch_mod.env_value("ADASPLASH_TUNE_TEST_FLAG", "-") == "0"
+    monkeypatch.delenv("ADASPLASH_TUNE_TEST_FLAG")
+    assert launch_mod.env_value("ADASPLASH_TUNE_TEST_FLAG", "-") == "-"
