@@ -413,22 +413,28 @@ def test_gpu_large_fused_forward(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fwd_mode", ["staged", "fused"])
-def test_gpu_cuda_graph_capture(fwd_mode):
-    """No host synchronisation: forward + backward capture in a CUDA graph and replay exactly."""
+@pytest.mark.parametrize("fwd_mode,entry", [("staged", "op"), ("fused", "op"), ("fused", "api")])
+def test_gpu_cuda_graph_capture(fwd_mode, entry):
+    """No host synchronisation: forward + backward capture in a CUDA graph and replay exactly
+    (through the public API the captured call is warm: it takes kernels/attention/warm.py's
+    short paths)."""
     case = (2, 4, 2, 1000, 64, 1.5, True, (1000, 517))
     q, k, v, alpha, causal, varlen = _inputs(case, torch.bfloat16, "cuda")
     cfg = TRITON.default().replace(fwd_mode=fwd_mode)
     grad = torch.randn_like(q)
 
     def step():
-        out = op.adasplash_triton(q, k, v, alpha, causal, varlen, 0.125, cfg)
+        if entry == "api":  # int32 lengths on the device: the short paths take them as they are
+            out = adasplash_tune.adasplash(q, k, v, alpha, causal, varlen, scale=0.125, config=cfg)
+        else:
+            out = op.adasplash_triton(q, k, v, alpha, causal, varlen, 0.125, cfg)
         return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         eager = step()  # warm-up: compiles every kernel outside the capture
+        eager = step()  # the second call records nothing new: warm
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -472,6 +478,70 @@ def test_gpu_direct_launch_matches_triton_path(name, monkeypatch):
                 assert relative_error(a, b) <= 1e-2
             else:
                 assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype,config", [
+    ((2, 4, 2, 300, 80), torch.bfloat16, {}),
+    ((1, 3, 3, 128, 64), torch.float16, {"mask_m": 32, "mask_n": 32, "bwd_q_block_n": 32}),
+    ((1, 2, 1, 77, 96), torch.float32, {}),
+], ids=["bf16-gqa", "fp16-mask32", "fp32-d96"])
+def test_gpu_warm_calls_match_the_general_path(shape, dtype, config, monkeypatch):
+    """Warm calls through the public API take the short paths of kernels/attention/warm.py (one
+    workspace, raw addresses) and give exactly what the general path gives: forward without
+    grad, forward+backward for every set of inputs needing a gradient, aligned and misaligned
+    inputs, int32 varlen lengths."""
+    from adasplash_tune.kernels.attention import warm
+
+    b, hq, hkv, n, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(b, hq, n, d, device="cuda", dtype=dtype, generator=gen)
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    grad = torch.randn(q.shape, device="cuda", dtype=dtype, generator=gen)
+    cfg = TRITON.validate(config)
+
+    def misaligned(t):  # the same values 2 bytes past a 16-byte boundary
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    lengths = torch.tensor([n, n // 3 + 1, 0][:b], dtype=torch.int32, device="cuda")
+    inputs = [(q, k, v, None), (q, k, v, lengths)]
+    if dtype != torch.float32:  # alignment is dtype-blind; float32 kernels take minutes to compile
+        inputs.append((*(misaligned(t) for t in (q, k, v)), None))
+    needs = [(False, False, False), (True, True, True), (True, False, False), (False, True, True)]
+
+    def run(tensors, need):
+        *qkv, varlen = tensors
+        leaves = [t.detach().requires_grad_(w) for t, w in zip(qkv, need)]
+        if not any(need):
+            with torch.no_grad():
+                return [adasplash_tune.adasplash(*leaves, 1.5, True, varlen, config=cfg)]
+        out = adasplash_tune.adasplash(*leaves, 1.5, True, varlen, config=cfg)
+        return [out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad)]
+
+    hits = {"fwd": 0, "bwd": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            result = fn(*args)
+            hits[name] += result is not None
+            return result
+        return wrapper
+
+    monkeypatch.setattr(op, "fused_forward", counted("fwd", warm.fused_forward))
+    monkeypatch.setattr(op, "split_backward", counted("bwd", warm.split_backward))
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "0")
+    want = [run(t, need) for t in inputs for need in needs]
+    assert hits == {"fwd": 0, "bwd": 0}
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "1")
+    for _ in range(3):  # the first round records the launches, the next ones take the short paths
+        got = [run(t, need) for t in inputs for need in needs]
+        for a_list, b_list in zip(got, want):
+            for a, b in zip(a_list, b_list):
+                assert torch.equal(a, b)
+    assert hits["fwd"] >= 2 * len(inputs) * len(needs) and hits["bwd"] >= 2 * len(inputs) * (len(needs) - 1)
 
 
 # --------------------------------------------------------------------------- learnable alpha

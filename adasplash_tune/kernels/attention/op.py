@@ -29,6 +29,7 @@ from .common import Geometry, alloc, poison_outputs
 from .forward import sparse_forward
 from .mask import TileLists, list_size, tile_list_pair, tile_lists
 from .tau import mask_shape, solve_tau, solve_tau_forward, tau_scratch_size
+from .warm import fused_forward, plan_fused_forward, plan_split_backward, split_backward
 
 __all__ = [
     "adasplash_triton", "adasplash_triton_forward", "adasplash_triton_backward",
@@ -389,12 +390,26 @@ def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *
                              fixed_residuals: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward of the pair: (out, [stats, mask] (+ [O2] in the fused backward mode)), or (out, [])
     without ``need_residuals``; with ``fixed_residuals`` in the config-free layout of
-    ``adasplash_triton_residuals(q, k, v, None)``."""
+    ``adasplash_triton_residuals(q, k, v, None)``. A warm call of a planned one-launch forward
+    takes the short path of kernels/attention/warm.py."""
+    key = None
+    if not fixed_residuals and type(config) is Config and _warm_lengths(varlen, q):
+        key = ("fwd", config, q.shape, k.shape, q.dtype, q.device, alpha, scale, is_causal, varlen is not None,
+               need_residuals)
+        plan = _WARM.get(key)
+        if plan is not None:
+            done = fused_forward(plan, q, k, v, varlen)
+            if done is not None:
+                return done
+            _WARM.pop(key, None)  # re-planned below: a launch memo may have replaced its launch
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     out, stats, mask, o2 = _forward(qc, kc, vc, float(alpha), bool(is_causal), lens, float(scale), cfg,
                                     need_residuals)
     out = _as(out, q.dtype)
+    if key is not None and key not in _WARM:
+        _remember_plan(key, _forward_warm_plan(qc, kc, float(alpha), float(scale), bool(is_causal), lens is not None,
+                                               cfg, need_residuals))
     if not need_residuals:
         return out, []
     if fixed_residuals:
@@ -405,6 +420,35 @@ def adasplash_triton_forward(q, k, v, alpha, is_causal, varlen, scale, config, *
             o2 = torch.empty(o2_shape, dtype=o2_dtype, device=q.device)
         return out, [stats, flat, o2]
     return out, [stats, mask] + ([o2] if o2 is not None else [])
+
+
+#: A warm call's key -> its short path's plan (kernels/attention/warm.py); None: the general path.
+_WARM: dict[tuple, Any] = {}
+
+
+def _remember_plan(key: tuple, plan: Any) -> None:
+    if len(_WARM) >= 2048:  # a process meeting ever new problems forgets and starts again
+        _WARM.clear()
+    _WARM[key] = plan
+
+
+def _warm_lengths(varlen, q) -> bool:
+    """Whether ``varlen`` is what the short paths take as is: None, or contiguous int32 lengths
+    on q's device (what the general path would pass on unchanged)."""
+    return varlen is None or (varlen.dtype == torch.int32 and varlen.device == q.device and varlen.is_contiguous())
+
+
+def _forward_warm_plan(q, k, alpha: float, scale: float, is_causal: bool, has_varlen: bool, cfg: Config,
+                       residuals: bool):
+    """The short path's plan of a forward the general path just ran, or None where there is none
+    (a CPU tensor, the staged mode, a forward in row chunks)."""
+    if q.device.type != "cuda" or cfg["fwd_mode"] != "fused":
+        return None
+    geo = Geometry.of(q, k)
+    shape, scratch, chunks = _forward_plan(geo, cfg, _SCRATCH_BUDGET_BYTES)
+    if chunks is not None:
+        return None
+    return plan_fused_forward(geo, cfg, alpha, scale, is_causal, has_varlen, q.dtype, shape, scratch, residuals)
 
 
 def adasplash_triton_backward(grad_out, q, k, v, out, residuals: Sequence[torch.Tensor], alpha, is_causal, varlen,
@@ -425,6 +469,19 @@ def adasplash_triton_alpha_backward(grad_out, q, k, v, out, residuals: Sequence[
 
 
 def _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale, config, needs, need_alpha):
+    key = None
+    need_kv = needs[1] or needs[2]
+    if (not need_alpha and type(config) is Config and len(residuals) == 2 and residuals[1].dim() == 3
+            and _warm_lengths(varlen, q)):
+        key = ("bwd", config, q.shape, k.shape, q.dtype, q.device, alpha, scale, is_causal, varlen is not None,
+               need_kv)
+        plan = _WARM.get(key)
+        if plan is not None:
+            done = split_backward(plan, grad_out, q, k, v, residuals[0], residuals[1], varlen)
+            if done is not None:
+                dq, dk, dv = done
+                return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None)
+            _WARM.pop(key, None)
     cfg = checked_config(config, q)
     qc, kc, vc, lens = _prepare(*_compute_dtype(q, k, v), varlen)
     stats, mask, *rest = residuals
@@ -435,8 +492,12 @@ def _pair_backward(grad_out, q, k, v, residuals, alpha, is_causal, varlen, scale
         rest = rest if cfg["bwd_mode"] == "fused" else []
     alpha_rows = torch.empty_like(stats[0]) if need_alpha else None
     dq, dk, dv = _backward(_as(grad_out, qc.dtype), qc, kc, vc, stats, mask, rest[0] if rest else None, lens,
-                           float(alpha), float(scale), bool(is_causal), cfg, need_kv=needs[1] or needs[2],
+                           float(alpha), float(scale), bool(is_causal), cfg, need_kv=need_kv,
                            alpha_rows=alpha_rows)
+    if key is not None and key not in _WARM:
+        _remember_plan(key, plan_split_backward(Geometry.of(qc, kc), cfg, float(alpha), float(scale), bool(is_causal),
+                                                lens is not None, qc.dtype, need_kv)
+                       if qc.device.type == "cuda" and cfg["bwd_mode"] == "split" else None)
     return (_as(dq, q.dtype) if needs[0] else None, _as(dk, k.dtype) if needs[1] else None,
             _as(dv, v.dtype) if needs[2] else None, alpha_rows.sum() if need_alpha else None)
 
