@@ -381,3 +381,22 @@ def test_launch_plans_are_per_dtype():
     fwd = {dtype: triton_entmax_module._forward_launch(cfg, 4, 16, 16, 16, 1.5, dtype, True, False)
            for dtype in (torch.float32, torch.bfloat16)}
     assert fwd[torch.float32] is not fwd[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_gpu_warm_forward_matches_the_general_path(dtype, monkeypatch):
+    """A repeated entmax call takes the planned launch with raw addresses; same values as Triton's
+    own launch path, for a contiguous input and a strided one (which the short path leaves alone)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(300, 700, device="cuda", dtype=dtype, generator=gen)
+    inputs = [x, x[:, :500]]
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "0")
+    want = [adasplash_tune.entmax(t, alpha=1.5) for t in inputs]
+    monkeypatch.setenv("ADASPLASH_TUNE_DIRECT_LAUNCH", "1")
+    triton_entmax_module._WARM_FORWARD.clear()
+    for _ in range(3):
+        for t, w in zip(inputs, want):
+            assert torch.equal(adasplash_tune.entmax(t, alpha=1.5), w)
+    keys = list(triton_entmax_module._WARM_FORWARD)
+    assert [key[1] for key in keys] == [x.shape]  # the contiguous input only
