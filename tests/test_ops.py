@@ -456,3 +456,17 @@ def test_the_constant_result_mark_is_the_one_torch_sets():
     torch_marked = dict(vars(torch.compiler.assume_constant_result(theirs)))
     assert ours_marked == torch_marked == {"_dynamo_marked_constant": True}
     assert compiled.explicit_config_json._dynamo_marked_constant
+
+
+def test_second_differentiation_is_refused_and_first_matches():
+    """``create_graph=True`` runs the backward through ``once_differentiable``: the same gradients
+    as a plain backward, and differentiating them again raises instead of returning zeros."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen, requires_grad=True) for _ in range(3))
+    plain = torch.autograd.grad(adasplash_tune.adasplash(q, k, v, backend="torch").sum(), (q, k, v))
+    graphed = torch.autograd.grad(adasplash_tune.adasplash(q, k, v, backend="torch").sum(), (q, k, v),
+                                  create_graph=True)
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        graphed[0].sum().backward()
