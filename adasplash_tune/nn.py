@@ -188,4 +188,4 @@ def _lengths_from_padding(mask: Tensor, batch: int, n: int, device: torch.device
     if not torch.equal(mask, expected):
         raise ValueError("key_padding_mask must be right padding (valid tokens first, then padding); "
                          "left padding and holes cannot be expressed by AdaSplash's varlen")
-    return lengths.to(device)
+    return lengths.to(device=device, dtype=torch.int32)  # as the kernels read them: no conversion per call
