@@ -127,24 +127,33 @@ class Launch:
         if not direct_launch_enabled():
             self.fn[self.grid](*tensors, *self.scalars, **self.meta)
             return
-        odd, bit = 0, 1  # which pointers are not 16-byte aligned: Triton specialises on that
-        for t in tensors:
-            if t.data_ptr() & 15:
+        drv, device, key, entry = self._recorded([t.data_ptr() for t in tensors])
+        if entry and not _hooks_set():
+            self._relaunch(entry, drv, device, tensors)
+            return
+        kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
+        if entry is False:  # first launch with this alignment on this device: record the compiled kernel
+            self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
+
+    def _recorded(self, addresses: Any) -> tuple[Any, int, int, Any]:
+        """(driver, current device, key, the compiled kernel recorded for the key or False): the key
+        is the device and which addresses are not 16-byte aligned (Triton specialises on that)."""
+        odd, bit = 0, 1
+        for p in addresses:
+            if p & 15:
                 odd |= bit
             bit <<= 1
         drv = _driver()
         device = drv.get_current_device()
         key = odd << 8 | device
-        entry = self._direct.get(key, False)
-        if entry and not _hooks_set():
-            run, function, packed, tail = entry
-            g = self.grid
-            run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, drv.get_current_stream(device),
-                function, packed, None, None, None, *tensors, *tail)
-            return
-        kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
-        if entry is False:  # first launch with this alignment on this device: record the compiled kernel
-            self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
+        return drv, device, key, self._direct.get(key, False)
+
+    def _relaunch(self, entry: tuple, drv: Any, device: int, pointers: Any) -> None:
+        """Launch a recorded compiled kernel through its own launcher (tensors or raw addresses)."""
+        run, function, packed, tail = entry
+        g = self.grid
+        run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, drv.get_current_stream(device),
+            function, packed, None, None, None, *pointers, *tail)
 
     def ready(self) -> bool:
         """Whether :meth:`direct` may launch: a compiled kernel is recorded and neither the
@@ -158,21 +167,11 @@ class Launch:
         launch to ``__call__`` with tensors (the first launch of a pattern, a profiler's hook, a
         Triton whose launcher takes no ints). The caller keeps the memory alive until the kernel
         is enqueued; stream order does the rest, as for any temporary."""
-        odd, bit = 0, 1
-        for p in pointers:
-            if p & 15:
-                odd |= bit
-            bit <<= 1
-        drv = _driver()
-        device = drv.get_current_device()
-        entry = self._direct.get(odd << 8 | device)
+        drv, device, _, entry = self._recorded(pointers)
         if not entry or _hooks_set():
             return False
-        run, function, packed, tail = entry
-        g = self.grid
         try:
-            run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, drv.get_current_stream(device),
-                function, packed, None, None, None, *pointers, *tail)
+            self._relaunch(entry, drv, device, pointers)
         except TypeError:  # this Triton's launcher wants tensors: never try ints again
             _INT_POINTERS[0] = False
             return False

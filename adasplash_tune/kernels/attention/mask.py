@@ -21,7 +21,7 @@ import triton.language as tl
 from ..launch import Launch
 from .common import Geometry
 
-__all__ = ["tile_lists", "tile_list_pair", "list_size", "TileLists"]
+__all__ = ["tile_lists", "tile_list_pair", "list_size", "list_layout", "TileLists"]
 
 _CHUNK = 128  # candidate tiles handled per step of a list program
 
@@ -122,8 +122,7 @@ class TileLists:
 def list_size(geo: Geometry, block: tuple[int, int], *, transposed: bool) -> int:
     """int32 entries of one compute tiling's lists: the index lists, then the per-tile counts."""
     n_q, n_k = triton.cdiv(geo.seq_len, block[0]), triton.cdiv(geo.seq_len, block[1])
-    n_own = n_k if transposed else n_q
-    return geo.rows * n_q * n_k + geo.rows * n_own * 2
+    return list_layout(geo.rows, n_k, n_q)[1] if transposed else list_layout(geo.rows, n_q, n_k)[1]
 
 
 @functools.lru_cache(maxsize=512)
@@ -173,12 +172,18 @@ def tile_lists(
     return lists
 
 
-def _lists_in(buffer: torch.Tensor, rows: int, n_own: int, n_cand: int) -> TileLists:
-    """One tiling's lists as views of ``buffer`` (at least its :func:`list_size` entries): the
+def list_layout(rows: int, n_own: int, n_cand: int) -> tuple[int, int]:
+    """(int32 entries of the index lists, entries in all) of one tiling's lists in a buffer: the
     index lists, then the per-tile counts."""
-    size = rows * n_own * n_cand
-    return TileLists(buffer[:size].view(rows, n_own, n_cand),
-                     buffer[size:size + rows * n_own * 2].view(rows, n_own, 2), n_own, n_cand)
+    index = rows * n_own * n_cand
+    return index, index + rows * n_own * 2
+
+
+def _lists_in(buffer: torch.Tensor, rows: int, n_own: int, n_cand: int) -> TileLists:
+    """One tiling's lists as views of ``buffer`` (at least its :func:`list_size` entries), laid
+    out as :func:`list_layout` says."""
+    size, end = list_layout(rows, n_own, n_cand)
+    return TileLists(buffer[:size].view(rows, n_own, n_cand), buffer[size:end].view(rows, n_own, 2), n_own, n_cand)
 
 
 @functools.lru_cache(maxsize=512)

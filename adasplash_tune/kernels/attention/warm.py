@@ -9,10 +9,11 @@ compiled kernels (``Launch.direct``: no tensor views, no ``data_ptr`` calls in t
 
 The workspace keeps the general path's layout (the same offsets within each list buffer, every
 buffer 256-byte aligned), so the pointers have the 16-byte-alignment pattern the general path's
-first launch recorded. A plan covers the common case only -- CUDA, one launch per
-forward (``fwd_mode="fused"``, no row chunks), the split backward without the alpha gradient,
-varlen as int32 lengths on the device -- and falls back (returns None, having launched nothing or only work whose result is dropped)
-whenever a launch is not ready; the caller then takes the general path.
+first launch recorded. A plan covers the common case only -- CUDA, one launch per forward
+(``fwd_mode="fused"``, no row chunks), the split backward without the alpha gradient, varlen as
+int32 lengths on the device -- and falls back (returns None, having launched nothing, or only
+work into its own workspace, which is dropped) whenever a launch is not ready; the caller then
+takes the general path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..launch import Launch
 from ..spec import Config
 from .backward import backward_launch
 from .common import _POISON, Geometry
-from .mask import list_launch, list_pair_launch, list_size
+from .mask import list_launch, list_layout, list_pair_launch
 from .tau import tau_launch
 
 __all__ = ["FusedForward", "plan_fused_forward", "fused_forward", "SplitBackward", "plan_split_backward",
@@ -117,17 +118,15 @@ def plan_split_backward(geo: Geometry, cfg: Config, alpha: float, scale: float, 
     q_tile, kv_tile = (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"]), (cfg["bwd_block_m"], cfg["bwd_block_n"])
     dq = backward_launch("q", geo, cfg, alpha, scale, is_causal, has_varlen, dtype, False)
     dkv = backward_launch("kv", geo, cfg, alpha, scale, is_causal, has_varlen, dtype, False) if need_kv else None
-    q_lists = list_launch(geo, is_causal, has_varlen, mask_tile, q_tile, False)
-    n_own, n_cand = q_lists.scalars[2], q_lists.scalars[3]
-    offsets = [0, 4 * geo.rows * n_own * n_cand]
-    end = 4 * list_size(geo, q_tile, transposed=False)
-    if need_kv:
+    run = q_lists = list_launch(geo, is_causal, has_varlen, mask_tile, q_tile, False)
+    index, end = list_layout(geo.rows, q_lists.scalars[2], q_lists.scalars[3])  # scalars: tm, tn, n_own, n_cand
+    offsets = [0, 4 * index]
+    end *= 4
+    if need_kv:  # the key-major lists follow the query-major ones, as tile_list_pair lays them out
         run = list_pair_launch(geo, is_causal, has_varlen, mask_tile, q_tile, kv_tile)
-        n_own_k, n_cand_k = run.scalars[8], run.scalars[9]
-        offsets += [end, end + 4 * geo.rows * n_own_k * n_cand_k]
-        end += 4 * list_size(geo, kv_tile, transposed=True)
-    else:
-        run = q_lists
+        index_k, size_k = list_layout(geo.rows, run.scalars[8], run.scalars[9])
+        offsets += [end, end + 4 * index_k]
+        end += 4 * size_k
     rows_n = geo.rows * geo.seq_len
     delta_at = _aligned(end)
     return SplitBackward(run, dq, dkv, tuple(offsets), delta_at, delta_at + 4 * rows_n, rows_n)
