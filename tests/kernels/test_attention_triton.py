@@ -51,6 +51,11 @@ SUBSET = dict(tau_block_m=64, tau_block_n=64, tau_sweep_block_n=16, mask_m=16, m
               fwd_block_n=16, bwd_block_m=32, bwd_block_n=16, bwd_q_block_m=16, bwd_q_block_n=32, niter=8,
               tau_tol=0.003, tau_init="subset", mask_source="sweeps", tau_warps=2, bwd_mode="fused",
               fwd_mode="staged")
+#: the sixteen-maxima start over 16-key dense-pass tiles (fewer tiles than slots on short rows:
+#: empty slots), tau, mask and forward in one launch, the split backward
+SUBSET16 = dict(tau_block_m=32, tau_block_n=16, tau_sweep_block_n=32, mask_m=16, mask_n=16, fwd_mode="fused",
+                bwd_block_m=16, bwd_block_n=32, bwd_q_block_m=32, bwd_q_block_n=16, niter=8, tau_tol=0.003,
+                tau_init="subset16")
 #: a second dense pass instead of chunk codes in the first, the fused backward on 64-key tiles
 DENSE2 = dict(tau_block_m=32, tau_block_n=64, tau_sweep_block_n=32, mask_m=16, mask_n=32, fwd_block_m=64,
               fwd_block_n=32, bwd_block_m=16, bwd_block_n=64, niter=8, tau_tol=0.003, tau_dense_passes=2,
@@ -62,7 +67,8 @@ FUSED = dict(tau_block_m=32, tau_block_n=16, tau_sweep_block_n=32, mask_m=16, ma
              tau_init="mid")
 #: the fused forward keeping O2 for the fused backward, after a second dense pass
 FUSED_O2 = dict(DENSE2, fwd_mode="fused")
-CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET, "dense2": DENSE2, "fused": FUSED, "fused_o2": FUSED_O2}
+CONFIGS = {"small": SMALL, "mixed": MIXED, "subset": SUBSET, "subset16": SUBSET16, "dense2": DENSE2, "fused": FUSED,
+           "fused_o2": FUSED_O2}
 
 
 def _inputs(case, dtype, device, seed=0):
@@ -151,7 +157,7 @@ def test_default_config_with_accuracy_knobs(triton_device):
     assert relative_error(out, ref) <= tolerance(torch.float32)
 
 
-@pytest.mark.parametrize("init", ["subset", "mid"])
+@pytest.mark.parametrize("init", ["subset", "subset16", "mid"])
 @pytest.mark.parametrize("source", ["max", "sweeps"])
 def test_block_mask_covers_the_support(source, init, triton_device):
     """Every (query, key) pair with p > 0 lies in an active mask tile; lists match the mask."""
@@ -221,7 +227,7 @@ def test_custom_op_pair_matches_autograd_function(triton_device):
             assert relative_error(a, b) <= tolerance(torch.float32, grad=True)
 
 
-@pytest.mark.parametrize("init", ["subset", "lo"])
+@pytest.mark.parametrize("init", ["subset", "subset16", "lo"])
 def test_sparse_sweeps_skip_tiles_and_stay_exact(init, triton_device):
     """On a peaked input the Halley sweeps visit only some key tiles (kernel counters), the mask
     is sparse, and tau still gives rows summing to one."""
@@ -251,6 +257,29 @@ def test_sparse_sweeps_skip_tiles_and_stay_exact(init, triton_device):
     mass = (z - tau.view(2, n, 1)).clamp(min=0).pow(2).sum(-1)
     assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
     assert 0 < op.block_density(mask, n, (16, 16), False) < 0.5
+
+
+def test_sixteen_maxima_start_closer_than_eight(triton_device):
+    """tau_init="subset16" starts Halley nearer the root than "subset" when a row's support spans
+    more tiles than eight (randn, ~39 keys in the support over 32 tiles): after one sweep from each
+    start the rows' mass is an order of magnitude nearer one."""
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.tau import solve_tau
+
+    gen = torch.Generator().manual_seed(5)
+    n, d, scale = 512, 16, 0.15
+    q = torch.randn(1, 1, n, d, generator=gen).to(triton_device)
+    k = torch.randn(1, 1, n, d, generator=gen).to(triton_device)
+    z = 0.5 * scale * (q.double() @ k.double().transpose(-1, -2)).cpu()[0, 0]
+    errors = {}
+    for init in ("subset", "subset16"):
+        cfg = TRITON.validate(dict(tau_block_m=16, tau_block_n=16, tau_sweep_block_n=16, mask_m=16, mask_n=16,
+                                   tau_init=init, tau_tol=0.0, niter=1, tau_warps=2))
+        mask = op._new_mask(Geometry.of(q, k), cfg, q.device)
+        tau = solve_tau(q, k, None, 1.5, scale, False, cfg, mask).cpu().double()[0]
+        mass = (z - tau[:, None]).clamp(min=0).pow(2).sum(-1)
+        errors[init] = (mass - 1).abs().mean().item()
+    assert errors["subset16"] < 0.3 * errors["subset"], errors
 
 
 @pytest.mark.parametrize("name", ["mixed", "subset"])
@@ -372,7 +401,7 @@ def test_cpu_smoke_benchmark(tmp_path, triton_device):
 # every case in bfloat16 at two configs, and in float32 / float16 at one (compiles stay few)
 GPU_MATRIX = (
     [(case, name, torch.bfloat16) for case in CASES
-     for name in ("mixed", "default", "subset", "dense2", "fused", "fused_o2")]
+     for name in ("mixed", "default", "subset", "subset16", "dense2", "fused", "fused_o2")]
     + [(case, "small", torch.float32) for case in CASES]
     + [(CASES[1], "mixed", torch.float16), (CASES[4], "default", torch.float16),
        (CASES[3], "default", torch.float32)]

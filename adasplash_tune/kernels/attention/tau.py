@@ -5,13 +5,17 @@ One program owns ``tau_block_m`` query rows of one head.
 1. **The dense pass** sweeps every key tile once (``tau_block_n`` keys a step) for the row max. On
    the way it keeps, per (``mask_m``-row group, tile), an upper bound of the tile's largest
    ``z - max z`` (the running max is a lower bound of the final one), stored as an int8 code for
-   each ``mask_n``-key chunk of the tile in the mask buffer itself, and per row the eight largest
-   tile maxima (a subset of the row's scores). Per score it costs a max: everything else is per
-   row and tile.
-2. **The start.** With ``tau_init="subset"`` Halley starts at the threshold of those eight scores
-   (kernels/threshold.py): a lower bound of the row's tau, within a small fraction of the support
-   width when the support is a few dozen keys. ``"mid"`` / ``"lo"`` start at the middle or the
-   lower end of the bracket ``[max - 1, max - n^(1-alpha)]``.
+   each ``mask_n``-key chunk of the tile in the mask buffer itself, and per row the eight
+   (``"subset"``) or sixteen (``"subset16"``) largest tile maxima (a subset of the row's scores),
+   kept sorted in registers by a compare-exchange chain. Per score it costs a max: everything else
+   is per row and tile, yet not free (H200, (1,16,16384,64) causal, benchmarks/bench_dense_pass.py:
+   QK^T + max alone 0.52-0.56 ms; the codes add ~0.15-0.2 ms, eight maxima ~0.06-0.1, sixteen
+   ~0.2, against SDPA's whole forward at 1.22 ms).
+2. **The start.** With ``tau_init="subset"`` / ``"subset16"`` Halley starts at the threshold of
+   those scores (kernels/threshold.py): a lower bound of the row's tau, within a small fraction of
+   the support width when the support is a few dozen keys (sixteen values: ~1% of the width on
+   randn at N = 16384 against ~7% for eight, benchmarks/study_tau_start.py). ``"mid"`` / ``"lo"``
+   start at the middle or the lower end of the bracket ``[max - 1, max - n^(1-alpha)]``.
 3. **Sparse sweeps.** Each Halley sweep evaluates ``f, f', f''`` at the rows' current tau over the
    key tiles (``tau_sweep_block_n`` keys) that hold a chunk which may have a score above tau for
    some row of its group: a chunk whose scores are all at most tau adds nothing to those sums, so
@@ -109,8 +113,9 @@ def _group_max(x, BM: tl.constexpr, MM: tl.constexpr):
 
 
 @triton.jit
-def _insert(t0, t1, t2, t3, t4, t5, t6, t7, x):
-    """Insert x into the per-row descending lists t0 >= t1 >= ... >= t7 (the smallest drops)."""
+def _insert8(t0, t1, t2, t3, t4, t5, t6, t7, x):
+    """Insert x into the per-row descending lists t0 >= t1 >= ... >= t7; returns the list and the
+    value that dropped out (the smaller of t7 and x), so two lists chain into a top sixteen."""
     t0, x = tl.maximum(t0, x), tl.minimum(t0, x)
     t1, x = tl.maximum(t1, x), tl.minimum(t1, x)
     t2, x = tl.maximum(t2, x), tl.minimum(t2, x)
@@ -118,21 +123,28 @@ def _insert(t0, t1, t2, t3, t4, t5, t6, t7, x):
     t4, x = tl.maximum(t4, x), tl.minimum(t4, x)
     t5, x = tl.maximum(t5, x), tl.minimum(t5, x)
     t6, x = tl.maximum(t6, x), tl.minimum(t6, x)
-    t7 = tl.maximum(t7, x)
-    return t0, t1, t2, t3, t4, t5, t6, t7
+    t7, x = tl.maximum(t7, x), tl.minimum(t7, x)
+    return t0, t1, t2, t3, t4, t5, t6, t7, x
+
+
+@triton.jit
+def _join8(t0, t1, t2, t3, t4, t5, t6, t7, R: tl.constexpr):
+    """[R] x 8 -> [R, 8]."""
+    top = tl.join(tl.join(tl.join(t0, t1), tl.join(t2, t3)), tl.join(tl.join(t4, t5), tl.join(t6, t7)))
+    return tl.reshape(top, (R, 8))
 
 
 # --------------------------------------------------------------------------- 1. the dense pass
 
 
 @triton.jit
-def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, offs_m, offs_n, offs_d,
-                seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
+def _dense_pass(m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, j_lo, j_hi,
+                offs_m, offs_n, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 TOPK: tl.constexpr, CODES: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Row max, with TOPK the eight largest tile maxima and with CODES the chunk codes, over key
-    tiles [j_lo, j_hi)."""
+    """Row max over key tiles [j_lo, j_hi); with TOPK (0, 8 or 16) the TOPK largest tile maxima
+    (a0..a7, then b0..b7: a value leaving a enters b), with CODES the chunk codes."""
     NCM: tl.constexpr = BN // MN
     sub = tl.arange(0, NCM)
     for j in range(j_lo, j_hi):
@@ -143,8 +155,10 @@ def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, of
             s = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), s, float("-inf"))
         tm = tl.max(s, axis=1)
         m = tl.maximum(m, tm)
-        if TOPK:
-            t0, t1, t2, t3, t4, t5, t6, t7 = _insert(t0, t1, t2, t3, t4, t5, t6, t7, tm)
+        if TOPK >= 8:
+            a0, a1, a2, a3, a4, a5, a6, a7, x = _insert8(a0, a1, a2, a3, a4, a5, a6, a7, tm)
+            if TOPK >= 16:
+                b0, b1, b2, b3, b4, b5, b6, b7, x = _insert8(b0, b1, b2, b3, b4, b5, b6, b7, x)
         if CODES:
             g = tl.where(row_ok, (tm - m) * c, float("-inf"))
             code = _encode(_group_max(g, BM, MM))
@@ -152,7 +166,45 @@ def _dense_pass(m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_lo, j_hi, of
             tl.store(MASK + mask_base + grows[:, None] * TN + mcols[None, :],
                      tl.broadcast_to(code[:, None], (BM // MM, NCM)),
                      mask=(grows[:, None] < TM) & (mcols[None, :] < TN))
-    return m, t0, t1, t2, t3, t4, t5, t6, t7
+    return m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
+
+
+@triton.jit
+def _dense_stage(q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, length, c, row_ok, MASK, mask_base,
+                 grows, TM, TN, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 TOPK: tl.constexpr, CODES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr,
+                 MN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The whole dense pass of one program: the key tiles below ``kv_full`` unmasked, then those up
+    to ``kv_stop`` masked. Returns the row max and the 16 top-maxima registers (-inf if unused)."""
+    offs_n = tl.arange(0, BN)
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    a0 = m
+    a1 = m
+    a2 = m
+    a3 = m
+    a4 = m
+    a5 = m
+    a6 = m
+    a7 = m
+    b0 = m
+    b1 = m
+    b2 = m
+    b3 = m
+    b4 = m
+    b5 = m
+    b6 = m
+    b7 = m
+    j_full = kv_full // BN
+    j_stop = tl.cdiv(kv_stop, BN)
+    m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_pass(
+        m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, 0, j_full, offs_m, offs_n,
+        offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM,
+        TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
+    m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_pass(
+        m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, j_full, j_stop, offs_m,
+        offs_n, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D,
+        HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
+    return m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
 
 
 # --------------------------------------------------------------------------- 3. sparse sweeps
@@ -268,7 +320,8 @@ def _tau_kernel(
     Q, K, V, TAU, O, INVL, O2, MASK, LIST, LENS, STATS,
     seq_len, H, GROUP, TM, TN, n_mblocks, n_stiles,
     c, b_exp, hi_exp, tol, niter,
-    B_INT: tl.constexpr, INIT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr,
+    B_INT: tl.constexpr, INIT: tl.constexpr, TOPK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, CODES: tl.constexpr,
     WITH_STATS: tl.constexpr, FORWARD: tl.constexpr, NEED_INVL: tl.constexpr, NEED_O2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
@@ -310,26 +363,10 @@ def _tau_kernel(
     lst = LIST + (pid_bh.to(tl.int64) * n_mblocks + pid_m) * n_stiles
 
     # 1. the dense pass
-    offs_n = tl.arange(0, BN)
-    m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    t0 = m
-    t1 = m
-    t2 = m
-    t3 = m
-    t4 = m
-    t5 = m
-    t6 = m
-    t7 = m
-    j_full = kv_full // BN
     j_stop = tl.cdiv(kv_stop, BN)
-    m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
-        m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, 0, j_full, offs_m, offs_n, offs_d, seq_len, length, c,
-        row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM, INIT == 2, CODES,
-        BM, BN, MM, MN, DOT_PREC)
-    m, t0, t1, t2, t3, t4, t5, t6, t7 = _dense_pass(
-        m, t0, t1, t2, t3, t4, t5, t6, t7, q, K, kv_base, j_full, j_stop, offs_m, offs_n, offs_d, seq_len, length,
-        c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D, HEAD_DIM, INIT == 2, CODES,
-        BM, BN, MM, MN, DOT_PREC)
+    m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_stage(
+        q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
+        IS_CAUSAL, EVEN_D, HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
     zmax = tl.where(empty, 0.0, m * c)
 
     # 2. the bracket and the start
@@ -342,8 +379,10 @@ def _tau_kernel(
         hi = zmax - tl.math.exp2(hi_exp * tl.math.log2(nf))
     lo = zmax - 1.0
     if INIT == 2:
-        top = tl.join(tl.join(tl.join(t0, t1), tl.join(t2, t3)), tl.join(tl.join(t4, t5), tl.join(t6, t7)))
-        tau = subset_tau(tl.reshape(top, (BM, 8)) * c, zmax, b_exp, B_INT, 8)
+        top = _join8(a0, a1, a2, a3, a4, a5, a6, a7, BM)
+        if TOPK == 16:
+            top = tl.reshape(tl.join(top, _join8(b0, b1, b2, b3, b4, b5, b6, b7, BM)), (BM, 16))
+        tau = subset_tau(top * c, zmax, b_exp, B_INT, 8)
         tau = tl.minimum(tl.maximum(tau, lo), hi)
     elif INIT == 1:
         tau = 0.5 * (lo + hi)
@@ -457,7 +496,8 @@ def resolve_tol(config: Config, dtype: torch.dtype, alpha: float) -> float:
     return TAU_TOL_AUTO[("16bit", "1.5" if alpha == 1.5 else "other")]
 
 
-_INIT = {"lo": 0, "mid": 1, "subset": 2}
+#: tau_init -> (INIT, TOPK): the start, and how many tile maxima the dense pass keeps for it.
+_INIT = {"lo": (0, 0), "mid": (1, 0), "subset": (2, 8), "subset16": (2, 16)}
 
 
 @functools.lru_cache(maxsize=512)
@@ -470,11 +510,12 @@ def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_cau
     bm, bn, bns = config["tau_block_m"], config["tau_block_n"], config["tau_sweep_block_n"]
     tm, tn = mask_shape(geo, config)
     n_mblocks = triton.cdiv(geo.seq_len, bm)
+    init, topk = _INIT[config["tau_init"]]
     scalars = (geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, triton.cdiv(geo.seq_len, bns),
                (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 1.0 - alpha, resolve_tol(config, dtype, alpha),
                int(config["niter"]))
     meta = dict(
-        B_INT=integer_b(alpha), INIT=_INIT[config["tau_init"]], IS_CAUSAL=is_causal,
+        B_INT=integer_b(alpha), INIT=init, TOPK=topk, IS_CAUSAL=is_causal,
         HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
         TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
         WITH_STATS=with_stats, FORWARD=forward, NEED_INVL=forward and need_invl, NEED_O2=forward and need_o2,

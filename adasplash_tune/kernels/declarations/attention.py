@@ -49,9 +49,10 @@ _TRITON_PARAMS = (
           "1: the pass that finds each row's max also bounds every chunk, so the first Halley sweep "
           "already skips; 2: that pass finds the max only and the first sweep visits every key "
           "tile (cheaper first pass, exact bounds from the start)"),
-    Param("tau_init", ("subset", "mid", "lo"), "subset",
-          "first tau: the threshold of the row's largest chunk maxima (a lower bound of the root), "
-          "or the midpoint / lower end of the bracket [max-1, max-n^(1-alpha)]", accuracy=True),
+    Param("tau_init", ("subset", "subset16", "mid", "lo"), "subset",
+          "first tau: the threshold of the row's 8 (subset) or 16 (subset16) largest tile maxima (a "
+          "lower bound of the root), or the midpoint / lower end of the bracket [max-1, max-n^(1-alpha)]",
+          accuracy=True),
     Param("tau_tol", ("auto", 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0), "auto",
           "stop sweeping once every row's Halley step is at most this fraction of its support "
           "width max z - tau (0: always niter sweeps)",
