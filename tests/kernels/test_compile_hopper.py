@@ -1,0 +1,69 @@
+"""The tau kernel compiles for Hopper (sm_90) on this CPU machine, for every start.
+
+The Triton interpreter runs the kernels' arithmetic but not the compiler: layouts, the register
+chains of the subset start, reductions and joins are only lowered by a real compile. Triton's
+wheel carries ptxas, so ``triton.compile`` to a cubin needs no GPU; this catches a kernel that
+would fail to build on the H200 before it reaches one. The signature comes from the plan the
+library itself makes (``tau_launch``), so it is the launch a call would compile. Each compile runs
+in a child process: this test session decorates kernels for the interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: the tau kernel's pointer parameters (in order) and their element types for 16-bit inputs
+_POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "TAU": "fp32", "O": "bf16", "INVL": "fp32", "O2": "bf16",
+             "MASK": "i8", "LIST": "i32", "LENS": "i32", "STATS": "i32"}
+
+
+def _compile(launch) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = launch.fn.arg_names
+    options = {k: launch.meta[k] for k in ("num_warps", "num_stages")}
+    constexprs = {k: v for k, v in launch.meta.items() if k not in options}
+    signature = {name: "*" + _POINTERS[name] for name in names[:len(_POINTERS)]}
+    for name, value in zip(names[len(_POINTERS):], launch.scalars):
+        signature[name] = "fp32" if isinstance(value, float) else "i32"
+    signature.update({name: "constexpr" for name in constexprs})
+    assert list(signature) == list(names), "the plan does not cover the kernel's parameters"
+    source = ASTSource(launch.fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
+
+
+def compile_tau(init: str, alpha: float) -> None:
+    """Compile the tau kernel a default-config call with ``tau_init=init`` plans (the child's job)."""
+    import torch
+
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.tau import tau_launch
+    from adasplash_tune.kernels.declarations.attention import TRITON
+
+    q = torch.empty(1, 4, 1000, 64, dtype=torch.bfloat16)
+    geo = Geometry.of(q, q[:, :2])
+    config = TRITON.default().replace(tau_init=init)
+    fused = init != "lo"  # the fused forward (the default) and the tau-only kernel of the staged one
+    launch = tau_launch(geo, config, alpha, 0.125, True, init == "subset16", torch.bfloat16, False, fused)
+    asm = _compile(launch)
+    assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.7])
+@pytest.mark.parametrize("init", ["subset", "subset16", "lo"])
+def test_tau_kernel_compiles_for_sm90(init, alpha):
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.fail("this Triton wheel carries no ptxas: the Hopper compile check cannot run")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"from tests.kernels.test_compile_hopper import compile_tau; compile_tau({init!r}, {alpha!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
