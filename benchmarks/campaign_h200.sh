@@ -30,10 +30,10 @@ TUNE=(python3 -m adasplash_tune tune --gpus "$GPUS" --seed 2026 --trials "$TRIAL
       --time-budget "$BUDGET" --cache "$CAMPAIGN/cache.sqlite" --storage "sqlite:///$PWD/$CAMPAIGN/studies.sqlite")
 # A bounded space around the defaults: the launch knobs that moved time in the stage and variant
 # studies (results/h200-stages-variants.json), the algorithm's own choices (dense passes, sweep
-# skip granularity, mask tile and source, split or fused backward); accuracy knobs at their
-# defaults (random inputs cannot rank them).
+# skip granularity, mask tile and source, split or fused backward, the eight- or sixteen-maxima
+# start: results/h200-stages-subset16.json); the other accuracy knobs at their defaults.
 SPACE=(--space tau_block_m=64,128 --space tau_block_n=64 --space tau_warps=4 --space tau_stages=2,3
-       --space niter=8 --space tau_init=subset --space tau_tol=auto
+       --space niter=8 --space tau_init=subset,subset16 --space tau_tol=auto
        --space tau_sweep_block_n=32,64 --space tau_dense_passes=1,2
        --space mask_m=32,64 --space mask_n=32,64 --space mask_source=sweeps,max
        --space fwd_block_m=64,128 --space fwd_block_n=32,64,128 --space fwd_warps=4,8 --space fwd_stages=2,3
