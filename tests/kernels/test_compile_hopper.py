@@ -1,4 +1,4 @@
-"""The tau kernel compiles for Hopper (sm_90) on this CPU machine, for every start.
+"""The attention kernels compile for Hopper (sm_90) on this CPU machine (tau: for every start).
 
 The Triton interpreter runs the kernels' arithmetic but not the compiler: layouts, the register
 chains of the subset start, reductions and joins are only lowered by a real compile. Triton's
@@ -19,9 +19,12 @@ import triton
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: the tau kernel's pointer parameters (in order) and their element types for 16-bit inputs
-_POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "TAU": "fp32", "O": "bf16", "INVL": "fp32", "O2": "bf16",
-             "MASK": "i8", "LIST": "i32", "LENS": "i32", "STATS": "i32"}
+#: element types of the kernels' pointer parameters (by name) for bf16 inputs
+_POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "O2": "bf16", "DO": "bf16", "DK": "bf16",
+             "DV": "bf16", "DQ": "bf16", "TAU": "fp32", "INVL": "fp32", "DELTA": "fp32", "GALPHA": "fp32",
+             "MASK": "i8", "LIST": "i32", "COUNT": "i32", "LENS": "i32", "STATS": "i32"}
+#: where a kernel's pointer differs (the fused backward adds dQ by atomics into float32)
+_OVERRIDES = {"_bwd_fused_kernel": {"DQ": "fp32"}}
 
 
 def _compile(launch) -> dict:
@@ -31,11 +34,14 @@ def _compile(launch) -> dict:
     names = launch.fn.arg_names
     options = {k: launch.meta[k] for k in ("num_warps", "num_stages")}
     constexprs = {k: v for k, v in launch.meta.items() if k not in options}
-    signature = {name: "*" + _POINTERS[name] for name in names[:len(_POINTERS)]}
-    for name, value in zip(names[len(_POINTERS):], launch.scalars):
+    n_pointers = len(names) - len(launch.scalars) - len(constexprs)
+    types = {**_POINTERS, **_OVERRIDES.get(launch.fn.__name__, {})}
+    signature = {name: "*" + types[name] for name in names[:n_pointers]}
+    for name, value in zip(names[n_pointers:], launch.scalars):
         signature[name] = "fp32" if isinstance(value, float) else "i32"
     signature.update({name: "constexpr" for name in constexprs})
-    assert list(signature) == list(names), "the plan does not cover the kernel's parameters"
+    assert set(signature) == set(names), "the plan does not cover the kernel's parameters"
+    signature = {name: signature[name] for name in names}
     source = ASTSource(launch.fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm
 
@@ -57,13 +63,42 @@ def compile_tau(init: str, alpha: float) -> None:
     assert asm["cubin"] and ".target sm_90" in asm["ptx"]
 
 
-@pytest.mark.parametrize("alpha", [1.5, 1.7])
-@pytest.mark.parametrize("init", ["subset", "subset16", "lo"])
-def test_tau_kernel_compiles_for_sm90(init, alpha):
+def compile_products(kind: str) -> None:
+    """Compile the staged forward (``kind="fwd"``) or one backward kernel ("q", "kv", "fused") of a
+    default-config GQA call with varlen (the child's job)."""
+    import torch
+
+    from adasplash_tune.kernels.attention.backward import backward_launch
+    from adasplash_tune.kernels.attention.common import Geometry
+    from adasplash_tune.kernels.attention.forward import forward_launch
+    from adasplash_tune.kernels.declarations.attention import TRITON
+
+    q = torch.empty(2, 4, 1000, 80, dtype=torch.bfloat16)
+    geo = Geometry.of(q, q[:, :2])
+    config = TRITON.default()
+    if kind == "fwd":
+        launch = forward_launch(geo, config, 1.5, 0.1, True, True, torch.bfloat16, True, True)
+    else:
+        launch = backward_launch(kind, geo, config, 4 / 3, 0.1, True, True, torch.bfloat16, kind == "q")
+    asm = _compile(launch)
+    assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+
+
+def _run_child(code: str) -> None:
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.fail("this Triton wheel carries no ptxas: the Hopper compile check cannot run")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"from tests.kernels.test_compile_hopper import compile_tau; compile_tau({init!r}, {alpha!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", "from tests.kernels.test_compile_hopper import *; " + code],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.7])
+@pytest.mark.parametrize("init", ["subset", "subset16", "lo"])
+def test_tau_kernel_compiles_for_sm90(init, alpha):
+    _run_child(f"compile_tau({init!r}, {alpha!r})")
+
+
+@pytest.mark.parametrize("kind", ["fwd", "q", "kv", "fused"])
+def test_product_kernels_compile_for_sm90(kind):
+    _run_child(f"compile_products({kind!r})")
