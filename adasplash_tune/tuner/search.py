@@ -3,8 +3,13 @@
 The study is the trial log: every finished trial is written to its storage at once (with the
 config and measurements as user attributes), so a run killed mid-way loses only the trial in
 flight and the next run resumes from what is stored. The harness here owns the loop: it asks the
-study (or enqueues the strategy's own proposal), checks the point against the space, skips points
-already tried, hands new points to ``evaluate`` and tells the study the outcome.
+study (or starts a trial holding the strategy's own proposal), checks the point against the space,
+skips points already tried, hands new points to ``evaluate`` and tells the study the outcome.
+
+A proposed point becomes a RUNNING trial in one insert (:meth:`StageSearch._start_fixed`), never
+Optuna's ``enqueue_trial`` + ``ask``: that pair leaves a WAITING row between its two steps, and two
+tuners on an SQLite file (which has no row locks behind ``SELECT ... FOR UPDATE``) could both pop
+it, evaluate the same trial and fail on the second tell, or leave a WAITING row behind.
 
 Several trials may be in flight at once: with ``submit`` (one evaluation worker per GPU) the
 search keeps every worker busy and tells results as they complete, all from the calling thread.
@@ -48,7 +53,7 @@ FAILURE_PENALTY = 1e12
 #: The one user attribute each trial stores: config, typed status and measurements.
 ATTR = "adasplash_tune"
 
-#: Consecutive invalid or repeated samples after which a random untried point is enqueued.
+#: Consecutive invalid or repeated samples after which a random untried point is started.
 MAX_MISSES = 12
 
 #: Seconds between looks at the study while the rest of the budget is in other tuners' hands.
@@ -129,7 +134,10 @@ class StageSearch:
         self._failure_kinds: Counter[str] = Counter()
         self._trace: list[TraceRow] = []
         self._t0 = time.monotonic()
-        self._queued = 0  # enqueued points not asked yet (asked first, before any new proposal)
+        self._queued = 0  # WAITING trials left by earlier versions' runs (asked first, before any proposal)
+        self._start_point: dict[str, Any] | None = None  # the search's first point, started before any other
+        self._storage = storage if storage is not None else study._storage
+        self._study_id = self._storage.get_study_id_from_name(study.study_name)
         self.submit = submit
         self.workers = max(1, int(workers)) if submit is not None else 1
         self._heartbeats = Heartbeats(storage, study.study_name)
@@ -173,7 +181,7 @@ class StageSearch:
                 continue
             if trial.state == TrialState.WAITING:
                 if initial:
-                    self._queued += 1  # enqueued by an earlier run: the next ask returns it
+                    self._queued += 1  # enqueued by an earlier version: the next ask returns it
                 continue
             if trial.state == TrialState.RUNNING:
                 if left_behind(trial, self._run_id):
@@ -342,23 +350,27 @@ class StageSearch:
                 return picked, False
             busy = set(self._pending) | set(self._others)
             tried = set(self._tried) | busy
-            if not self._queued and self.strategy.finished(tried):
+            queued = self._queued or self._start_point is not None
+            if not queued and self.strategy.finished(tried):
                 return picked, True
-            proposal = None if self._queued else self.strategy.propose(tried)
+            if self._start_point is not None:
+                proposal, self._start_point = self._start_point, None
+            else:
+                proposal = None if self._queued else self.strategy.propose(tried)
             if proposal is None and misses >= MAX_MISSES and not self._queued:
                 proposal = self.strategy.fallback(set(self._tried), busy)
                 if proposal is None:
                     return picked, True
                 misses = 0
-            if proposal is not None:
-                self.study.enqueue_trial(self._encode(proposal), skip_if_exists=False)
-                self._queued += 1
-            elif not self._queued and self.strategy.finished(tried):
+            if proposal is None and not self._queued and self.strategy.finished(tried):
                 return picked, True
-            with warnings.catch_warnings():  # this harness records the heartbeats Optuna's warning misses
-                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                trial = self.study.ask(self._dists)
-            self._queued = max(0, self._queued - 1)
+            if proposal is not None:
+                trial = self._start_fixed(proposal)
+            else:
+                with warnings.catch_warnings():  # this harness records the heartbeats Optuna's warning misses
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                    trial = self.study.ask(self._dists)
+                self._queued = max(0, self._queued - 1)
             self._mine[trial.number] = trial
             self._heartbeats.add(trial.number)  # first its heartbeat, then its owner: see lost_trials
             trial.set_user_attr(OWNER, owner_record(self._run_id))
@@ -387,6 +399,15 @@ class StageSearch:
             picked.append((trial, values))
         return picked, False
 
+    def _start_fixed(self, values: Mapping[str, Any]) -> Any:
+        """A new RUNNING trial of the study holding ``values``' free knobs, created by one insert
+        (so no other tuner can claim it), with the sampler's ``before_trial`` run as ``ask`` would."""
+        import optuna
+        from optuna.trial import TrialState, create_trial
+
+        template = create_trial(state=TrialState.RUNNING, params=self._encode(values), distributions=self._dists)
+        return optuna.Trial(self.study, self._storage.create_new_trial(self._study_id, template_trial=template))
+
     def _finish(self, trial: Any, values: Mapping[str, Any], outcome: Outcome) -> None:
         """Tell and record one evaluated trial (in the calling thread)."""
         self._tell(trial, values, outcome, counted=True)
@@ -401,8 +422,7 @@ class StageSearch:
         if not self._tried and not self._queued and self.start is not None and self.budget > 0:
             start = self.space.canonical({**self.fixed, **self.start})
             if self.space.is_valid(start):
-                self.study.enqueue_trial(self._encode(start))
-                self._queued += 1
+                self._start_point = start
         self._heartbeats.start()
         try:
             dry = self._run_concurrent() if self.submit is not None else self._run_serial()

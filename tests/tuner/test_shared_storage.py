@@ -251,3 +251,48 @@ def test_two_tuner_processes_sharing_storage_and_cache_lose_no_trial(shared, tmp
         [entry] = store.entries(kernel="adasplash")
     assert entry.time_ms == pytest.approx(fastest)
     assert entry.config in [t.user_attrs[ATTR]["config"] for t in ok if t.user_attrs[ATTR]["objective"] == fastest]
+
+
+# --------------------------------------------------------------------------- many searches at once
+
+_SEARCHER = """
+import sys, optuna
+from adasplash_tune.tuner.outcome import Outcome
+from adasplash_tune.tuner.search import StageSearch
+from adasplash_tune.tuner.space import build_space
+from adasplash_tune.tuner.strategies import get_strategy
+from adasplash_tune.tuner.studies import open_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+url, seed = sys.argv[1], int(sys.argv[2])
+space = build_space("entmax", "triton", target="cuda").restrict(
+    {"block_n": (256, 512, 1024, 2048), "rows": (1, 2, 4), "num_warps": (2, 4, 8), "num_stages": (1, 2),
+     "niter": (10,), "tau_tol": ("auto",), "tau_init": ("subset",)})
+free = space.free_names(space.names)
+strategy = get_strategy("random")(space, free, space.default_values(), seed=seed, budget=40)
+storage = open_storage(url)
+study = optuna.create_study(study_name="shared", storage=storage, sampler=strategy.sampler(), load_if_exists=True)
+result = StageSearch(study, strategy, space, budget=40, storage=storage, start=space.default_values(),
+                     evaluate=lambda v: Outcome(ok=True, objective=v["block_n"] / v["num_warps"], error=0.0)).run()
+print(result.evaluated)
+"""
+
+
+def test_four_searches_on_one_sqlite_study_claim_every_trial_once(tmp_path):
+    """Proposed points start as RUNNING trials in one insert: four processes proposing at once on
+    an SQLite file (no row locks) never run one trial twice nor leave a WAITING trial behind
+    (``enqueue_trial`` + ``ask`` did both, now and then)."""
+    url = f"sqlite:///{tmp_path / 'studies.sqlite'}"
+    open_storage(url)  # the schema, once, before the racers start
+    procs = [subprocess.Popen([sys.executable, "-c", _SEARCHER, url, str(seed)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert "marked failed by another tuner" not in err, err  # a trial claimed twice
+    trials = _all_trials(url)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    counted = [t for t in trials if t.user_attrs.get(ATTR, {}).get("counted")]
+    configs = Counter(tuple(sorted(t.user_attrs[ATTR]["config"].items())) for t in counted)
+    assert len(counted) == 40 and set(configs.values()) == {1}
+    assert sum(int(out.split()[-1]) for out, _ in outputs) == 40
