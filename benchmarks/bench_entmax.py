@@ -50,9 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", default=None, help="comma list of alphas (default 1.5,2.0,1.3)")
     parser.add_argument("--cases", default=None, help="comma list of ROWSxCOLS (default 4096x8192,8192x1024)")
     parser.add_argument("--scale", type=float, default=1.0, help="inputs are scale * randn")
-    parser.add_argument("--sweep", default="small", choices=("none", "small", "wide"),
+    parser.add_argument("--sweep", default="small", choices=("none", "small", "medium", "wide"),
                         help="launch-config sweep size (accuracy knobs at their defaults); small: "
-                             "block_n tile and tile/2, rows 1/2, num_warps 4/8/16")
+                             "block_n tile and tile/2, rows 1/2, num_warps 4/8/16; medium: block_n down "
+                             "to tile/8, rows up to 4")
     parser.add_argument("--sweep-alpha", default=None,
                         help="comma list: only these alphas get the launch-config sweep (default: all); "
                              "the others time the default config and the accuracy knobs")
@@ -98,10 +99,10 @@ def _sweep_configs(spec, rows: int, cols: int, size: str) -> list[dict[str, Any]
     if size == "none":
         return []
     tile = min(_pow2(cols), 16384)
-    blocks = [b for b in (tile, tile // 2, tile // 4) if b >= 64][: 2 if size == "small" else 3]
-    rows_choices = (1, 2) if size == "small" else (1, 2, 4, 8)
-    warps = (4, 8, 16) if size == "small" else (2, 4, 8, 16, 32)
-    stages = (1,) if size == "small" else (1, 2)
+    blocks = [b for b in (tile, tile // 2, tile // 4, tile // 8) if b >= 64][: {"small": 2, "medium": 4}.get(size, 3)]
+    rows_choices = {"small": (1, 2), "medium": (1, 2, 4)}.get(size, (1, 2, 4, 8))
+    warps = (4, 8, 16) if size in ("small", "medium") else (2, 4, 8, 16, 32)
+    stages = (1,) if size in ("small", "medium") else (1, 2)
     context = {"rows": rows, "cols": cols}
     out = []
     for block_n in blocks:

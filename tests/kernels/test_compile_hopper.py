@@ -1,4 +1,4 @@
-"""The attention kernels compile for Hopper (sm_90) on this CPU machine (tau: for every start).
+"""The attention and entmax kernels compile for Hopper (sm_90) on this CPU machine (tau: for every start).
 
 The Triton interpreter runs the kernels' arithmetic but not the compiler: layouts, the register
 chains of the subset start, reductions and joins are only lowered by a real compile. Triton's
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: element types of the kernels' pointer parameters (by name) for bf16 inputs
 _POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "O2": "bf16", "DO": "bf16", "DK": "bf16",
              "DV": "bf16", "DQ": "bf16", "TAU": "fp32", "INVL": "fp32", "DELTA": "fp32", "GALPHA": "fp32",
-             "MASK": "i8", "LIST": "i32", "COUNT": "i32", "LENS": "i32", "STATS": "i32"}
+             "MASK": "i8", "LIST": "i32", "COUNT": "i32", "LENS": "i32", "STATS": "i32", "X": "bf16", "Y": "bf16"}
 #: where a kernel's pointer differs (the fused backward adds dQ by atomics into float32)
 _OVERRIDES = {"_bwd_fused_kernel": {"DQ": "fp32"}}
 
@@ -84,6 +84,19 @@ def compile_products(kind: str) -> None:
     assert asm["cubin"] and ".target sm_90" in asm["ptx"]
 
 
+def compile_entmax(cols: int, alpha: float) -> None:
+    """Compile the standalone entmax forward a default-config call on (64, cols) bf16 rows plans
+    (one tile for 8192 columns, several for more)."""
+    import torch
+
+    from adasplash_tune.kernels.declarations.entmax import TRITON
+    from adasplash_tune.kernels.entmax import _forward_launch
+
+    launch = _forward_launch(TRITON.default(), 64, cols, cols, cols, alpha, torch.bfloat16, True, False)
+    asm = _compile(launch)
+    assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+
+
 def _run_child(code: str) -> None:
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.fail("this Triton wheel carries no ptxas: the Hopper compile check cannot run")
@@ -102,3 +115,8 @@ def test_tau_kernel_compiles_for_sm90(init, alpha):
 @pytest.mark.parametrize("kind", ["fwd", "q", "kv", "fused"])
 def test_product_kernels_compile_for_sm90(kind):
     _run_child(f"compile_products({kind!r})")
+
+
+@pytest.mark.parametrize("cols,alpha", [(8192, 1.5), (8192, 1.3), (32768, 2.0)])
+def test_entmax_kernel_compiles_for_sm90(cols, alpha):
+    _run_child(f"compile_entmax({cols!r}, {alpha!r})")

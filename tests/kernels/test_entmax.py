@@ -400,3 +400,53 @@ def test_gpu_warm_forward_matches_the_general_path(dtype, monkeypatch):
             assert torch.equal(adasplash_tune.entmax(t, alpha=1.5), w)
     keys = list(triton_entmax_module._WARM_FORWARD)
     assert [key[1] for key in keys] == [x.shape]  # the contiguous input only
+
+
+# --------------------------------------------------------------------------- the certified start
+
+
+def test_chunk_top2_counts_ties_and_padding(triton_device):
+    """Each chunk's largest and second largest value, a tie counted twice, -inf padding kept."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X, C1, C2, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+        r = tl.arange(0, ROWS)
+        c = tl.arange(0, BLOCK_N)
+        z = tl.load(X + r[:, None] * BLOCK_N + c[None, :])
+        c1, c2 = triton_entmax_module._chunk_top2(z, ROWS, BLOCK_N, CHUNKS)
+        k = tl.arange(0, CHUNKS)
+        tl.store(C1 + r[:, None] * CHUNKS + k[None, :], c1)
+        tl.store(C2 + r[:, None] * CHUNKS + k[None, :], c2)
+
+    rows, cols, chunks = 2, 16, 4
+    x = torch.randn(rows, cols)
+    x[0, 1] = x[0, 5] = 9.0  # chunk 1 (columns 1, 5, 9, 13) holds a tie at its max
+    x[1, 2::4] = float("-inf")  # chunk 2 of row 1: all padding
+    x = x.to(triton_device)
+    c1 = torch.empty(rows, chunks, device=triton_device)
+    c2 = torch.empty_like(c1)
+    probe[(1,)](x, c1, c2, ROWS=rows, BLOCK_N=cols, CHUNKS=chunks)
+    strided = x.cpu().reshape(rows, cols // chunks, chunks)  # chunk k: the columns = k mod chunks
+    top = strided.sort(dim=1, descending=True).values
+    assert torch.equal(c1.cpu(), top[:, 0]) and torch.equal(c2.cpu(), top[:, 1])
+    assert c2[0, 1] == 9.0 and c2[1, 2] == float("-inf")
+
+
+@pytest.mark.parametrize("alpha", (1.5, 2.0, 1.3))
+@pytest.mark.parametrize("config", [None, {"block_n": 64, "rows": 4, "num_warps": 2}])
+def test_rows_solved_by_their_chunk_maxima_and_rows_that_are_not_share_a_launch(triton_device, alpha, config):
+    """Sharp rows (the chunk maxima hold the whole support: a multi-tile row is never swept again)
+    and flat ones (it is) in the same programs, multi-tile (certified) and one-tile, in float32
+    against the oracle; also a sharp row whose two largest scores share a chunk."""
+    spec = get_spec("entmax", "triton")
+    cfg = spec.validate(config or {})
+    rows, cols = 8, 200
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    x[0::2] *= 40.0  # sharp: a support of one or two scores
+    x[1::2] *= 0.01  # ... flat
+    x[2, 0] = x[2, 128] = 300.0  # two equal maxima in one chunk (chunk 0 in both tilings)
+    x = x.to(triton_device).requires_grad_()
+    grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4)).to(triton_device)
+    _check(entmax_triton(x, alpha, cfg), x, grad, alpha)
