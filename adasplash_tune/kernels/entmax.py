@@ -18,13 +18,14 @@ chunk's second largest score too, so it knows the largest score outside the subs
 Halley starts at max(-1, rest); if the subset's f is still >= 0 there, the row's root is >= every
 score outside the subset and the subset alone solves the row, exactly: the iterations and the
 normaliser use the chunk maxima in registers and the row is read once more only to be stored
-(randn rows at alpha 1.5: ~80-90% certified; H200, 1024 x 32768 bf16: 0.066 ms against 0.078,
-and 4096 x 8192 with 4096-column tiles 0.062 against 0.073). A row in registers (one tile)
+(randn rows at alpha 1.5: ~80-90% certified; H200, bf16, alpha 1.5: 1024 x 32768 default config
+0.071 ms against 0.082, 4096 x 8192 with 4096-column tiles 0.062 against the one-tile 0.073;
+benchmarks/results/h200-entmax-certified.json). A row in registers (one tile)
 skips it: there the extra per-score work cost more than the sweeps it saves (0.079 vs 0.073 ms).
 
 alpha = 1.5 and alpha = 2 are compile-time specialisations that use squares and support counts
 only; any other alpha uses log2/exp2. A row that fits one tile stays in registers across the
-iterations; a longer row is swept tile by tile in every iteration.
+iterations; a longer row that is not certified is swept tile by tile in every iteration.
 
 Launch parameters come only from the :class:`Config` (``block_n``, ``rows``, ``num_warps``,
 ``num_stages``, ``niter``, ``tau_tol``, ``tau_init``); see :func:`launch_params` for how they map onto
