@@ -450,3 +450,25 @@ def test_rows_solved_by_their_chunk_maxima_and_rows_that_are_not_share_a_launch(
     x = x.to(triton_device).requires_grad_()
     grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4)).to(triton_device)
     _check(entmax_triton(x, alpha, cfg), x, grad, alpha)
+
+
+@pytest.mark.parametrize("case", ["all_equal", "minus_inf_columns", "ties_at_the_top", "max_in_ragged_tile"])
+@pytest.mark.parametrize("alpha", (1.5, 1.3))
+def test_certified_rows_with_ties_and_masked_scores(triton_device, case, alpha):
+    """The multi-tile (certified) path on rows that stress the second-maximum bookkeeping: every
+    score equal, -inf columns, many equal top scores, the max in the last, partial tile."""
+    spec = get_spec("entmax", "triton")
+    x = torch.randn(5, 301, generator=torch.Generator().manual_seed(11))
+    if case == "all_equal":
+        x = torch.full((5, 301), 0.7)
+    elif case == "minus_inf_columns":
+        x[:, ::3] = float("-inf")
+    elif case == "ties_at_the_top":
+        x = torch.round(x * 2) * 5.0
+    else:
+        x[:, -1] = 1e4
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(device=triton_device, dtype=dtype)
+        out = entmax_triton(xi, alpha, spec.validate({"block_n": 64, "rows": 2, "num_warps": 2}))
+        assert torch.isfinite(out).all()
+        assert relative_error(out, entmax_reference(xi.double(), alpha)) <= tolerance(dtype)
