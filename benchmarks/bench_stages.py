@@ -130,8 +130,12 @@ def _dense_tiles(n: int, bm: int, bns: int, causal: bool, rows: int) -> int:
     return total * rows
 
 
-def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, with_bwd: bool) -> dict[str, Any]:
-    """Each stage of ours alone, the tau counters and the mask density, for one config."""
+def stage_calls(q, k, v, grad, alpha: float, causal: bool, cfg) -> dict[str, Callable[[], Any]]:
+    """The stages of one config as zero-argument calls on warm inputs, each fed by the stages
+    before it (run once here): ``tau`` (with the mask and the tile lists it leaves), ``lists_fwd``,
+    ``fwd``, then ``lists_bwd`` and ``bwd_kv`` with ``bwd_q`` (split mode) or ``bwd_kv`` alone (the
+    fused kernel: dK, dV and dQ by atomics); also ``tau_fwd_fused`` and ``fwd_train`` where the
+    config's modes have them. The kernel counters and the mask are in ``calls["_state"]``."""
     import torch
 
     from adasplash_tune.kernels.attention import backward as bw
@@ -139,16 +143,59 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     from adasplash_tune.kernels.attention.common import Geometry
     from adasplash_tune.kernels.attention.forward import sparse_forward
     from adasplash_tune.kernels.attention.mask import tile_lists
-    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau, solve_tau_forward, tau_scratch_size
+    from adasplash_tune.kernels.attention.tau import solve_tau, solve_tau_forward, tau_scratch_size
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     geo = Geometry.of(q, k)
     mask = op._new_mask(geo, cfg, q.device)
-    res: dict[str, Any] = {}
     scratch = torch.empty(tau_scratch_size(geo, cfg), dtype=torch.int32, device=q.device)
-    res["tau_ms"] = ms(lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch))
+    calls: dict[str, Any] = {"tau": lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch)}
+    tau = calls["tau"]()
+    calls["_state"] = {"geo": geo, "mask": mask, "scratch": scratch, "scale": scale}
+    if cfg["fwd_mode"] == "fused":  # tau + mask + forward in one launch; the staged stages below for comparison
+        calls["tau_fwd_fused"] = lambda: solve_tau_forward(q, k, v, None, alpha, scale, causal, cfg, mask, scratch)
+    tile = (cfg["mask_m"], cfg["mask_n"])
+    fwd_tile = (cfg["fwd_block_m"], cfg["fwd_block_n"])
+    calls["lists_fwd"] = lambda: tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False)
+    lists = calls["lists_fwd"]()
+    calls["fwd"] = lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=False)
+    fused = cfg["bwd_mode"] == "fused"
+    if fused:  # the training forward keeps O2 too
+        calls["fwd_train"] = lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg,
+                                                    need_stats=True, need_o2=True)
+    _, inv_l, o2 = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True,
+                                  need_o2=fused)
+    kv_tile = (cfg["bwd_block_m"], cfg["bwd_block_n"])
+    lkv = tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
+    if fused:
+        calls["lists_bwd"] = lambda: tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
+        calls["bwd_kv"] = lambda: bw.sparse_backward_fused(q, k, v, grad, o2, tau, inv_l, lkv, None, alpha, scale,
+                                                           causal, cfg)
+        return calls
+    q_tile = (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"])
+    calls["lists_bwd"] = lambda: (tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True),
+                                  tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False))
+    lq = tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)
+    calls["bwd_q"] = lambda: bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg)
+    _, delta = calls["bwd_q"]()
+    calls["bwd_kv"] = lambda: bw.sparse_backward_kv(q, k, v, grad, tau, inv_l, delta, lkv, None, alpha, scale,
+                                                    causal, cfg)
+    return calls
+
+
+def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, with_bwd: bool) -> dict[str, Any]:
+    """Each stage of ours alone (:func:`stage_calls`), the tau counters and the mask density, for one config."""
+    import torch
+
+    from adasplash_tune.kernels.attention import op
+    from adasplash_tune.kernels.attention.tau import STATS_SLOTS, solve_tau
+
+    calls = stage_calls(q, k, v, grad, alpha, causal, cfg)
+    state = calls.pop("_state")
+    geo, mask = state["geo"], state["mask"]
+    res: dict[str, Any] = {"tau_ms": ms(calls["tau"])}
     stats = torch.zeros(STATS_SLOTS, dtype=torch.int32, device=q.device)
-    tau = solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch, stats)
+    solve_tau(q, k, None, alpha, state["scale"], causal, cfg, mask, state["scratch"], stats)
     st = stats.tolist()
     programs = max(st[0], 1)
     half = (STATS_SLOTS - 1) // 2
@@ -156,40 +203,17 @@ def stage_times(q, k, v, grad, alpha: float, causal: bool, cfg, ms: Callable, wi
     res["tau_sweeps_mean"] = round(sum(st[1 + half:]) / programs, 3)
     res["tau_visited"] = [round(t / dense, 4) for t in st[1:1 + half] if t]
     res["density"] = round(op.block_density(mask, geo.seq_len, (cfg["mask_m"], cfg["mask_n"]), causal), 4)
-    tile = (cfg["mask_m"], cfg["mask_n"])
-    if cfg["fwd_mode"] == "fused":  # tau + mask + forward in one launch; the staged stages below for comparison
-        res["tau_fwd_fused_ms"] = ms(lambda: solve_tau_forward(q, k, v, None, alpha, scale, causal, cfg, mask,
-                                                               scratch))
-    fwd_tile = (cfg["fwd_block_m"], cfg["fwd_block_n"])
-    res["lists_fwd_ms"] = ms(lambda: tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False))
-    lists = tile_lists(mask, geo, None, causal, tile, fwd_tile, transposed=False)
-    res["fwd_ms"] = ms(lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg,
-                                              need_stats=False))
-    if cfg["bwd_mode"] == "fused" and with_bwd:  # the training forward keeps O2 too
-        res["fwd_train_ms"] = ms(lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg,
-                                                        need_stats=True, need_o2=True))
+    if "tau_fwd_fused" in calls:
+        res["tau_fwd_fused_ms"] = ms(calls["tau_fwd_fused"])
+    res["lists_fwd_ms"] = ms(calls["lists_fwd"])
+    res["fwd_ms"] = ms(calls["fwd"])
+    if "fwd_train" in calls and with_bwd:
+        res["fwd_train_ms"] = ms(calls["fwd_train"])
     if not with_bwd:
         return res
-    fused = cfg["bwd_mode"] == "fused"
-    _, inv_l, o2 = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True,
-                                  need_o2=fused)
-    kv_tile = (cfg["bwd_block_m"], cfg["bwd_block_n"])
-    if fused:  # one kernel: dK, dV and dQ (atomics); reported under bwd_kv_ms
-        lkv = tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
-        res["lists_bwd_ms"] = ms(lambda: tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True))
-        res["bwd_q_ms"] = 0.0
-        res["bwd_kv_ms"] = ms(lambda: bw.sparse_backward_fused(q, k, v, grad, o2, tau, inv_l, lkv, None, alpha,
-                                                               scale, causal, cfg))
-        return res
-    q_tile = (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"])
-    res["lists_bwd_ms"] = ms(lambda: (tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True),
-                                      tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)))
-    lkv = tile_lists(mask, geo, None, causal, tile, kv_tile, transposed=True)
-    lq = tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)
-    res["bwd_q_ms"] = ms(lambda: bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg))
-    _, delta = bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg)
-    res["bwd_kv_ms"] = ms(lambda: bw.sparse_backward_kv(q, k, v, grad, tau, inv_l, delta, lkv, None, alpha, scale,
-                                                        causal, cfg))
+    res["lists_bwd_ms"] = ms(calls["lists_bwd"])
+    res["bwd_q_ms"] = ms(calls["bwd_q"]) if "bwd_q" in calls else 0.0  # fused: dQ is in bwd_kv_ms
+    res["bwd_kv_ms"] = ms(calls["bwd_kv"])
     return res
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,42 +53,22 @@ def _entmax_call(args: argparse.Namespace) -> Callable[[], Any]:
 def _attention_call(args: argparse.Namespace) -> Callable[[], Any]:
     import torch
 
-    from adasplash_tune.kernels.attention import backward as bw
-    from adasplash_tune.kernels.attention import op
-    from adasplash_tune.kernels.attention.common import Geometry
-    from adasplash_tune.kernels.attention.forward import sparse_forward
-    from adasplash_tune.kernels.attention.mask import tile_lists
     from adasplash_tune.kernels.attention.op import checked_config
-    from adasplash_tune.kernels.attention.tau import solve_tau, tau_scratch_size
     from adasplash_tune.kernels.declarations.attention import TRITON
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_sparsity import make_inputs
+    from bench_stages import stage_calls
 
     b, h, n, d, kind = args.problem.split(",")
-    shape, causal = (int(b), int(h), int(n), int(d)), kind == "causal"
+    shape = (int(b), int(h), int(n), int(d))
     family, value = args.family.split(":")
     q, k, v = make_inputs(family, float(value), shape, torch.bfloat16, "cuda", 0, max(1.0, shape[2] / 64))[:3]
-    grad = torch.randn_like(q)
-    alpha, scale = args.alpha, 1.0 / math.sqrt(shape[3])
     cfg = checked_config(TRITON.validate(json.loads(args.config)), q)
-    geo = Geometry.of(q, k)
-    mask = op._new_mask(geo, cfg, q.device)
-    scratch = torch.empty(tau_scratch_size(geo, cfg), dtype=torch.int32, device=q.device)
-    tau = solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch)
-    if args.target == "tau":
-        return lambda: solve_tau(q, k, None, alpha, scale, causal, cfg, mask, scratch)
-    tile = (cfg["mask_m"], cfg["mask_n"])
-    lists = tile_lists(mask, geo, None, causal, tile, (cfg["fwd_block_m"], cfg["fwd_block_n"]), transposed=False)
-    if args.target == "fwd":
-        return lambda: sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=False)
-    _, inv_l, _ = sparse_forward(q, k, v, tau, lists, None, alpha, scale, causal, cfg, need_stats=True)
-    lq = tile_lists(mask, geo, None, causal, tile, (cfg["bwd_q_block_m"], cfg["bwd_q_block_n"]), transposed=False)
-    lkv = tile_lists(mask, geo, None, causal, tile, (cfg["bwd_block_m"], cfg["bwd_block_n"]), transposed=True)
-    if args.target == "bwd_q":
-        return lambda: bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg)
-    _, delta = bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg)
-    return lambda: bw.sparse_backward_kv(q, k, v, grad, tau, inv_l, delta, lkv, None, alpha, scale, causal, cfg)
+    calls = stage_calls(q, k, v, torch.randn_like(q), args.alpha, kind == "causal", cfg)
+    if args.target not in calls:
+        raise SystemExit(f"{args.target}: this config has no such stage (bwd_mode={cfg['bwd_mode']})")
+    return calls[args.target]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -136,8 +136,8 @@ class StageSearch:
         self._t0 = time.monotonic()
         self._queued = 0  # WAITING trials left by earlier versions' runs (asked first, before any proposal)
         self._start_point: dict[str, Any] | None = None  # the search's first point, started before any other
-        self._trials = study._storage  # the study's own (cached) view, as ``ask`` uses: new trials go through it
-        self._study_id = self._trials.get_study_id_from_name(study.study_name)
+        self._study_storage = study._storage  # the study's own (cached) view, which ``ask`` writes through too
+        self._study_id = self._study_storage.get_study_id_from_name(study.study_name)
         self.submit = submit
         self.workers = max(1, int(workers)) if submit is not None else 1
         self._heartbeats = Heartbeats(storage, study.study_name)
@@ -406,7 +406,7 @@ class StageSearch:
         from optuna.trial import TrialState, create_trial
 
         template = create_trial(state=TrialState.RUNNING, params=self._encode(values), distributions=self._dists)
-        return optuna.Trial(self.study, self._trials.create_new_trial(self._study_id, template_trial=template))
+        return optuna.Trial(self.study, self._study_storage.create_new_trial(self._study_id, template_trial=template))
 
     def _finish(self, trial: Any, values: Mapping[str, Any], outcome: Outcome) -> None:
         """Tell and record one evaluated trial (in the calling thread)."""
