@@ -177,8 +177,8 @@ def stage_calls(q, k, v, grad, alpha: float, causal: bool, cfg) -> dict[str, Cal
                                   tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False))
     lq = tile_lists(mask, geo, None, causal, tile, q_tile, transposed=False)
     calls["bwd_q"] = lambda: bw.sparse_backward_q(q, k, v, grad, tau, inv_l, lq, None, alpha, scale, causal, cfg)
-    _, delta = calls["bwd_q"]()
-    calls["bwd_kv"] = lambda: bw.sparse_backward_kv(q, k, v, grad, tau, inv_l, delta, lkv, None, alpha, scale,
+    _, rows = calls["bwd_q"]()
+    calls["bwd_kv"] = lambda: bw.sparse_backward_kv(q, k, v, grad, rows, lkv, None, alpha, scale,
                                                     causal, cfg)
     return calls
 

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: element types of the kernels' pointer parameters (by name) for bf16 inputs
 _POINTERS = {"Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "O2": "bf16", "DO": "bf16", "DK": "bf16",
              "DV": "bf16", "DQ": "bf16", "TAU": "fp32", "INVL": "fp32", "DELTA": "fp32", "GALPHA": "fp32",
-             "MASK": "i8", "LIST": "i32", "COUNT": "i32", "LENS": "i32", "STATS": "i32", "X": "bf16", "Y": "bf16"}
+             "MASK": "i8", "ROWS": "fp32", "LIST": "i32", "COUNT": "i32", "LENS": "i32", "STATS": "i32",
+             "X": "bf16", "Y": "bf16"}
 #: where a kernel's pointer differs (the fused backward adds dQ by atomics into float32)
 _OVERRIDES = {"_bwd_fused_kernel": {"DQ": "fp32"}}
 

@@ -116,14 +116,15 @@ def test_split_backward_buffers(shape, need_kv, with_varlen, monkeypatch):
     assert lists[-1] == (varlen.data_ptr() if with_varlen else w + want[1])  # the lengths, or counts standing in
     tau, inv_l = stats[0].data_ptr(), stats[1].data_ptr()
     lens = varlen.data_ptr() if with_varlen else tau
-    delta = w + plan.delta_at
-    assert plan.delta_at % 256 == 0 and plan.delta_at >= (want[-1] + 1)
-    assert qcall == (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), tau, inv_l, delta, dq.data_ptr(),
-                     delta, w + want[0], w + want[1], lens)
+    rows = w + plan.rows_at  # the per-row records the dQ kernel writes for dK/dV
+    assert plan.rows_at % 256 == 0 and plan.rows_at >= (want[-1] + 1)
+    assert plan.size == plan.rows_at + 16 * geo.rows * geo.seq_len
+    assert qcall == (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), tau, inv_l, rows, dq.data_ptr(),
+                     rows, w + want[0], w + want[1], lens)
     assert dq.shape == q.shape
     if need_kv:
         (kvcall,) = recs[2].calls
-        assert kvcall == (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), tau, inv_l, delta,
+        assert kvcall == (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad.data_ptr(), rows,
                           dk.data_ptr(), dv.data_ptr(), w + want[2], w + want[3], lens)
         assert dk.shape == k.shape and dv.shape == v.shape
     else:

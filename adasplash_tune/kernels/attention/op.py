@@ -308,12 +308,11 @@ def _backward(grad_out, q, k, v, stats, mask, o2, varlen, alpha, scale, is_causa
         lists, kv_lists = tile_list_pair(mask, geo, varlen, is_causal, mask_tile, q_tile, kv_tile)
     else:
         lists = tile_lists(mask, geo, varlen, is_causal, mask_tile, q_tile, transposed=False)
-    dq, delta = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config,
-                                  alpha_rows)
+    dq, rows = sparse_backward_q(q, k, v, grad_out, tau, inv_l, lists, varlen, alpha, scale, is_causal, config,
+                                 alpha_rows)
     dk = dv = None
     if need_kv:
-        dk, dv = sparse_backward_kv(q, k, v, grad_out, tau, inv_l, delta, kv_lists, varlen, alpha, scale,
-                                    is_causal, config)
+        dk, dv = sparse_backward_kv(q, k, v, grad_out, rows, kv_lists, varlen, alpha, scale, is_causal, config)
     return dq, dk, dv
 
 

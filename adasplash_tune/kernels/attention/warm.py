@@ -100,14 +100,15 @@ def fused_forward(plan: FusedForward, q: torch.Tensor, k: torch.Tensor, v: torch
 
 class SplitBackward(NamedTuple):
     """The split backward: the tile lists (both tilings in one launch with dK/dV, the dQ tiling
-    alone without), the dQ kernel (which also writes delta), the dK/dV kernel. The workspace holds
-    the lists as the general path lays them out, then delta."""
+    alone without), the dQ kernel (which also writes the rows' records for dK/dV: delta and the
+    scaled threshold, kernels/attention/backward.py), the dK/dV kernel. The workspace holds the
+    lists as the general path lays them out, then the records (16 bytes a row)."""
 
     lists: Launch
     dq: Launch
     dkv: Launch | None
     list_at: tuple[int, ...]  # byte offsets: dQ index, dQ counts (, dK/dV index, dK/dV counts)
-    delta_at: int
+    rows_at: int
     size: int
     rows_n: int
 
@@ -128,8 +129,8 @@ def plan_split_backward(geo: Geometry, cfg: Config, alpha: float, scale: float, 
         offsets += [end, end + 4 * index_k]
         end += 4 * size_k
     rows_n = geo.rows * geo.seq_len
-    delta_at = _aligned(end)
-    return SplitBackward(run, dq, dkv, tuple(offsets), delta_at, delta_at + 4 * rows_n, rows_n)
+    rows_at = _aligned(end)
+    return SplitBackward(run, dq, dkv, tuple(offsets), rows_at, rows_at + 16 * rows_n, rows_n)
 
 
 def split_backward(plan: SplitBackward, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -156,14 +157,13 @@ def split_backward(plan: SplitBackward, grad_out: torch.Tensor, q: torch.Tensor,
         return None
     qp, kp, vp, gp = q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr()
     tau = stats.data_ptr()
-    inv_l, delta = tau + 4 * plan.rows_n, w + plan.delta_at
+    inv_l, rows = tau + 4 * plan.rows_n, w + plan.rows_at
     lens = tau if lens is None else lens
-    if not plan.dq.direct(qp, kp, vp, gp, tau, inv_l, delta, dq.data_ptr(), delta, q_index, q_count, lens):
+    if not plan.dq.direct(qp, kp, vp, gp, tau, inv_l, rows, dq.data_ptr(), rows, q_index, q_count, lens):
         return None
     if plan.dkv is None:
         return dq, None, None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if not plan.dkv.direct(qp, kp, vp, gp, tau, inv_l, delta, dk.data_ptr(), dv.data_ptr(), w + at[2], w + at[3],
-                           lens):
+    if not plan.dkv.direct(qp, kp, vp, gp, rows, dk.data_ptr(), dv.data_ptr(), w + at[2], w + at[3], lens):
         return None
     return dq, dk, dv
