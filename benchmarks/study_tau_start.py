@@ -63,13 +63,15 @@ def halley(tau, lo, hi, s0, s1, s2, b):
     return new, lo, hi
 
 
-def sweeps(z: torch.Tensor, tau0, lo, hi, zmax, b: float, tol: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sweeps run per row, final tau) of the kernel's loop from ``tau0``."""
+def sweeps(z: torch.Tensor, tau0, lo, hi, zmax, b: float, tol: float, niter: int,
+           update: Callable = halley) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sweeps run per row, final tau) of the kernel's loop from ``tau0``; ``update``: the step
+    from one sweep's sums (the kernel's safeguarded Halley step unless given)."""
     tau, count = tau0.clone(), torch.zeros_like(tau0)
     active = torch.ones_like(tau0, dtype=torch.bool)
     for it in range(niter):
         s0, s1, s2 = powers(z - tau[:, None], b)
-        new, lo, hi = halley(tau, lo, hi, s0, s1, s2, b)
+        new, lo, hi = update(tau, lo, hi, s0, s1, s2, b)
         step = (new - tau).abs() / (zmax - new).clamp(min=1e-6)
         count += active.double()
         tau = torch.where(active, new, tau)
