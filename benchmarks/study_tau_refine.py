@@ -23,9 +23,9 @@ the exact threshold before any kernel is written:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -36,11 +36,10 @@ log = logging.getLogger("study_tau_refine")
 
 def _study_start():
     """benchmarks/study_tau_start.py (its replay of the kernel's loop, starts and rows)."""
-    path = Path(__file__).resolve().parent / "study_tau_start.py"
-    spec = importlib.util.spec_from_file_location("study_tau_start", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import study_tau_start
+
+    return study_tau_start
 
 
 def quad_step(tau, lo, hi, s0, s1, s2, b: float):

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("ncu_summary", REPO / "benchmarks" / "ncu_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ncu_summary.py")
 
 
 def _details(path: Path) -> None:

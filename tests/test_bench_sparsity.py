@@ -4,7 +4,6 @@ benchmarks/plot_sparsity.py on a small synthetic result."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+
 from adasplash_tune.kernels.reference import tolerance
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_sparsity.py"
@@ -23,10 +24,7 @@ SCRIPT = REPO / "benchmarks" / "bench_sparsity.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sparsity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_sparsity.py")
 
 
 def test_crossover_interpolates_in_density(bench):
@@ -222,10 +220,7 @@ def _synthetic_result(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def plotter():
-    spec = importlib.util.spec_from_file_location("plot_sparsity", REPO / "benchmarks" / "plot_sparsity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/plot_sparsity.py")
 
 
 @pytest.mark.parametrize("tile", ["16", "64"])

@@ -3,7 +3,6 @@ are right where they must be exact, and the script runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,15 +10,14 @@ from pathlib import Path
 
 import torch
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "study_tau_refine.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("study_tau_refine", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/study_tau_refine.py")
 
 
 def _exact(study, z, b):

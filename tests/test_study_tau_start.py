@@ -5,7 +5,6 @@ the exact threshold (a bisection to machine precision here, independent of the s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,15 +13,14 @@ from pathlib import Path
 
 import torch
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "study_tau_start.py"
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("study_tau_start", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/study_tau_start.py")
 
 
 def _bisect_tau(z: torch.Tensor, b: float) -> torch.Tensor:

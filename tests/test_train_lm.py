@@ -4,28 +4,22 @@ documentation says (JSON lines, density, captured q/k/v)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+
 from adasplash_tune.kernels.reference import (attention_mask, attention_reference, entmax_reference, relative_error,
                                               tolerance)
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.scripts import load_script
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py", register=True)
 
 
 train_lm = _load("train_lm")

@@ -377,13 +377,9 @@ def test_head_dim_above_256_is_rejected_before_launch(monkeypatch, triton_device
 def test_cpu_smoke_benchmark(tmp_path, triton_device):
     if triton_device != "cpu":
         pytest.skip("the smoke mode is the CPU interpreter's")
-    import importlib.util
-    from pathlib import Path
+    from tests.scripts import load_script
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_attention.py")
     out = tmp_path / "bench.json"
     results = bench.main(["--cpu-smoke", "--out", str(out)])
     import json
