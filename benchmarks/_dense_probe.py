@@ -9,7 +9,8 @@ from adasplash_tune.kernels.attention.tau import _dense_stage
 
 @triton.jit
 def probe(Q, K, MASK, OUT, seq_len, H, GROUP, TM, TN, n_mblocks, c,
-          IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TOPK: tl.constexpr,
+          IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+          TOPK: tl.constexpr,
           CODES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
           MN: tl.constexpr, DOT_PREC: tl.constexpr):
     """The tau kernel's prologue and dense pass; stores the row max and the smallest kept
@@ -36,7 +37,7 @@ def probe(Q, K, MASK, OUT, seq_len, H, GROUP, TM, TN, n_mblocks, c,
     grows = pid_m * (BM // MM) + tl.arange(0, BM // MM)
     m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_stage(
         q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, seq_len, c, row_ok, MASK, mask_base, grows, TM, TN,
-        IS_CAUSAL, EVEN_D, HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
+        IS_CAUSAL, EVEN_D, EVEN_N, HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
     kept = a7
     if TOPK == 16:
         kept = b7

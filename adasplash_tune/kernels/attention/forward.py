@@ -24,30 +24,34 @@ __all__ = ["sparse_forward", "forward_tiles", "forward_rows"]
 
 
 @triton.jit
-def forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
+def forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, n_plain, n_all,
                   offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                  B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_O2: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate the listed key tiles LIST[i_lo:i_hi] into (acc, l_i) (and (acc2, l2) with
-    NEED_O2); MASKED tiles apply the causal / length mask."""
-    for i in range(i_lo, i_hi):
+                  B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_O2: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BN: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """Accumulate the listed key tiles LIST[0:n_all] into (acc, l_i) (and (acc2, l2) with
+    NEED_O2); tiles from ``n_plain`` on apply the causal / length mask. One loop for both kinds
+    of tile (a uniform branch masks the scores): each copy of a loop body costs Triton's compile
+    time far more than its size. EVEN_N: no tile reaches past ``seq_len``."""
+    for i in range(0, n_all):
         j = tl.load(LIST + i)
         cols = j * BN + offs_n
         k_ptrs = K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
         v_ptrs = V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        if MASKED:
+        if EVEN_N:
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
             ld = (cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_ptrs, mask=ld, other=0.0)
             v = tl.load(v_ptrs, mask=ld, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         u = s * c - tau[:, None]
-        if MASKED:
+        if i >= n_plain:
             valid = cols[None, :] < length
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
@@ -67,7 +71,7 @@ def forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, i_lo, i_hi,
 def forward_rows(O, INVL, O2, q, tau, K, V, kv_base, LIST, n_plain, n_all, offs_m, offs_n, offs_d, io_ptrs, io_mask,
                  stat, row_in, seq_len, length, c, b_exp,
                  B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, NEED_STATS: tl.constexpr, NEED_O2: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BD: tl.constexpr, DOT_PREC: tl.constexpr):
     """The sparse forward of one tile of query rows over the key tiles LIST[0:n_all] (the first
     ``n_plain`` need no masking): accumulate, renormalise and store O at ``io_ptrs`` (with
@@ -81,12 +85,9 @@ def forward_rows(O, INVL, O2, q, tau, K, V, kv_base, LIST, n_plain, n_all, offs_
     else:  # unused placeholders (the loop returns them unchanged)
         acc2 = tl.zeros([1, 1], dtype=tl.float32)
         l2 = tl.zeros([1], dtype=tl.float32)
-    acc, l_i, acc2, l2 = forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, 0, n_plain,
-                                       offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                                       B_INT, False, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
     acc, l_i, acc2, l2 = forward_tiles(acc, l_i, acc2, l2, q, tau, K, V, kv_base, LIST, n_plain, n_all,
                                        offs_m, offs_n, offs_d, seq_len, length, c, b_exp,
-                                       B_INT, True, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, BN, DOT_PREC)
+                                       B_INT, IS_CAUSAL, NEED_O2, HEAD_DIM, EVEN_D, EVEN_N, BN, DOT_PREC)
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     tl.store(O + io_ptrs, (acc * inv[:, None]).to(O.dtype.element_ty), mask=io_mask)
     if NEED_STATS:
@@ -102,8 +103,8 @@ def _fwd_kernel(
     seq_len, H, GROUP, n_qt, n_kt, c, b_exp,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, NEED_STATS: tl.constexpr,
     NEED_O2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = n_qt - 1 - tl.program_id(0)  # heaviest (causal) query tiles first
     pid_bh = tl.program_id(1)
@@ -132,7 +133,7 @@ def _fwd_kernel(
 
     forward_rows(O, INVL, O2, q, tau, K, V, kv_base, lst, plain, count, offs_m, offs_n, offs_d, io_ptrs, io_mask,
                  stat, row_in, seq_len, length, c, b_exp, B_INT, IS_CAUSAL, NEED_STATS, NEED_O2, HEAD_DIM, EVEN_D,
-                 BM, BN, BD, DOT_PREC)
+                 EVEN_N, BM, BN, BD, DOT_PREC)
 
 
 @functools.lru_cache(maxsize=512)
@@ -145,7 +146,8 @@ def forward_launch(geo: Geometry, config: Config, alpha: float, scale: float, is
     scalars = (geo.seq_len, geo.q_heads, geo.group, n_q, n_k, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0))
     meta = dict(
         B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, NEED_STATS=need_stats,
-        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d,
+        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.seq_len % bn == 0, BM=bm,
+        BN=bn, BD=geo.block_d,
         DOT_PREC=dot_precision(dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
     )
     return Launch(_fwd_kernel, (n_q, geo.rows), scalars, meta)

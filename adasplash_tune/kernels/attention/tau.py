@@ -72,15 +72,18 @@ _LIST_CHUNK = tl.constexpr(128)
 
 
 @triton.jit
-def _load_k(K, kv_base, cols, offs_d, seq_len, LOAD_N_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-            EVEN_D: tl.constexpr):
+def _load_k(K, kv_base, cols, offs_d, seq_len, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+            EVEN_N: tl.constexpr):
+    """A key tile, zeros past ``seq_len`` (only the last tile can reach it; EVEN_N: none does)
+    and past HEAD_DIM."""
     ptrs = K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-    if LOAD_N_MASK:
-        k = tl.load(ptrs, mask=(cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif EVEN_D:
-        k = tl.load(ptrs)
+    if EVEN_N:
+        if EVEN_D:
+            k = tl.load(ptrs)
+        else:
+            k = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
-        k = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        k = tl.load(ptrs, mask=(cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     return k
 
 
@@ -138,20 +141,22 @@ def _join8(t0, t1, t2, t3, t4, t5, t6, t7, R: tl.constexpr):
 
 
 @triton.jit
-def _dense_pass(m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, j_lo, j_hi,
+def _dense_pass(m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, j_full, j_stop,
                 offs_m, offs_n, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 TOPK: tl.constexpr, CODES: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Row max over key tiles [j_lo, j_hi); with TOPK (0, 8 or 16) the TOPK largest tile maxima
-    (a0..a7, then b0..b7: a value leaving a enters b), with CODES the chunk codes."""
+    """Row max over key tiles [0, j_stop), those from ``j_full`` on masked (causal / length); with
+    TOPK (0, 8 or 16) the TOPK largest tile maxima (a0..a7, then b0..b7: a value leaving a enters
+    b), with CODES the chunk codes. One loop for both kinds of tile (a uniform branch masks the
+    scores): each copy of a loop body costs Triton's compile time far more than its size."""
     NCM: tl.constexpr = BN // MN
     sub = tl.arange(0, NCM)
-    for j in range(j_lo, j_hi):
+    for j in range(0, j_stop):
         cols = j * BN + offs_n
-        k = _load_k(K, kv_base, cols, offs_d, seq_len, MASKED, HEAD_DIM, EVEN_D)
+        k = _load_k(K, kv_base, cols, offs_d, seq_len, HEAD_DIM, EVEN_D, EVEN_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if MASKED:
+        if j >= j_full:
             s = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), s, float("-inf"))
         tm = tl.max(s, axis=1)
         m = tl.maximum(m, tm)
@@ -171,11 +176,11 @@ def _dense_pass(m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b
 
 @triton.jit
 def _dense_stage(q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, length, c, row_ok, MASK, mask_base,
-                 grows, TM, TN, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 TOPK: tl.constexpr, CODES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MM: tl.constexpr,
-                 MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The whole dense pass of one program: the key tiles below ``kv_full`` unmasked, then those up
-    to ``kv_stop`` masked. Returns the row max and the 16 top-maxima registers (-inf if unused)."""
+                 grows, TM, TN, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, CODES: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The whole dense pass of one program: the key tiles up to ``kv_stop``, those from ``kv_full``
+    on masked. Returns the row max and the 16 top-maxima registers (-inf if unused)."""
     offs_n = tl.arange(0, BN)
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     a0 = m
@@ -197,12 +202,8 @@ def _dense_stage(q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, lengt
     j_full = kv_full // BN
     j_stop = tl.cdiv(kv_stop, BN)
     m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_pass(
-        m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, 0, j_full, offs_m, offs_n,
-        offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN, False, IS_CAUSAL, EVEN_D, HEAD_DIM,
-        TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
-    m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_pass(
         m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, q, K, kv_base, j_full, j_stop, offs_m,
-        offs_n, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN, True, IS_CAUSAL, EVEN_D,
+        offs_n, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN, IS_CAUSAL, EVEN_D, EVEN_N,
         HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
     return m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
 
@@ -211,10 +212,11 @@ def _dense_stage(q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, lengt
 
 
 @triton.jit
-def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, n_coded, shift, rebase,
-                BM: tl.constexpr, MM: tl.constexpr, NCM: tl.constexpr, REBASE: tl.constexpr):
-    """Write the tiles of [0, n_tiles) that hold a chunk with decode(code) + shift[group] > 0 to
-    LST (ascending); with REBASE, first replace every code by its decode plus ``rebase[group]``.
+def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, n_coded, shift, rebase, store_rebased,
+                BM: tl.constexpr, MM: tl.constexpr, NCM: tl.constexpr):
+    """Write the tiles of [0, n_tiles) that hold a chunk with decode(code) + rebase[group] +
+    shift[group] > 0 to LST (ascending); with ``store_rebased`` (uniform), first replace every code
+    by its decode plus ``rebase[group]``.
     Chunk columns from ``n_coded`` on hold no code yet (sweep tiles wider than the dense pass's
     reach past its last tile; those chunks hold no valid key): they read as the lowest code, not
     as whatever the buffer held. Returns the number of tiles listed."""
@@ -227,9 +229,8 @@ def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, n_coded, shift, re
         ccols = c0 + cc0
         ptrs = MASK + mask_base + grows[:, None] * TN + ccols[None, :]
         inb = (grows[:, None] < TM) & (ccols[None, :] < n_tiles * NCM) & (ccols[None, :] < TN)
-        bound = _decode(tl.load(ptrs, mask=inb & (ccols[None, :] < n_coded), other=-127))
-        if REBASE:
-            bound = bound + rebase[:, None]
+        bound = _decode(tl.load(ptrs, mask=inb & (ccols[None, :] < n_coded), other=-127)) + rebase[:, None]
+        if store_rebased:
             tl.store(ptrs, _encode(bound), mask=inb)
         hit = tl.max(((bound + shift[:, None] > 0) & inb).to(tl.int32), axis=0)
         hit = tl.max(tl.reshape(hit, (_LIST_CHUNK, NCM)), axis=1)
@@ -241,24 +242,25 @@ def _list_tiles(LST, MASK, mask_base, grows, TM, TN, n_tiles, n_coded, shift, re
 
 
 @triton.jit
-def _sweep(s0, s1, s2, q, K, kv_base, LST, i_lo, i_hi, tau, c, b_exp, row_ok,
-           offs_m, offs_n, offs_d, seq_len, length, MASK, mask_base, grows, TM, TN,
-           B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-           HEAD_DIM: tl.constexpr, TIGHTEN: tl.constexpr, BM: tl.constexpr, BNS: tl.constexpr,
+def _sweep(s0, s1, s2, q, K, kv_base, LST, n_lead, n_list, tau, c, b_exp, row_ok,
+           offs_m, offs_n, offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, tighten,
+           B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr,
+           HEAD_DIM: tl.constexpr, BM: tl.constexpr, BNS: tl.constexpr,
            MM: tl.constexpr, MN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate f, f', f'' terms at ``tau`` over the listed key tiles LST[i_lo:i_hi]. With
-    TIGHTEN, store every visited chunk's exact code: max over the chunk of z - tau (= u)."""
+    """Accumulate f, f', f'' terms at ``tau`` over the listed key tiles LST[0:n_list], those from
+    ``n_lead`` on masked (causal / length). With ``tighten`` (uniform), store every visited
+    chunk's exact code: max over the chunk of z - tau (= u)."""
     NCM: tl.constexpr = BNS // MN
     sub = tl.arange(0, NCM)
-    for i in range(i_lo, i_hi):
+    for i in range(0, n_list):
         j = tl.load(LST + i)
         cols = j * BNS + offs_n
-        k = _load_k(K, kv_base, cols, offs_d, seq_len, MASKED, HEAD_DIM, EVEN_D)
+        k = _load_k(K, kv_base, cols, offs_d, seq_len, HEAD_DIM, EVEN_D, EVEN_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         u = s * c - tau[:, None]
-        if MASKED:
+        if i >= n_lead:
             u = tl.where(_valid(cols, offs_m, length, IS_CAUSAL), u, float("-inf"))
-        if TIGHTEN:
+        if tighten:
             if NCM == 1:
                 h = tl.max(u, axis=1)[:, None]
             else:
@@ -322,7 +324,8 @@ def _tau_kernel(
     c, b_exp, hi_exp, tol, niter,
     B_INT: tl.constexpr, INIT: tl.constexpr, TOPK: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_VARLEN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, TIGHTEN: tl.constexpr, CODES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, TIGHTEN: tl.constexpr,
+    CODES: tl.constexpr,
     WITH_STATS: tl.constexpr, FORWARD: tl.constexpr, NEED_INVL: tl.constexpr, NEED_O2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr, BD: tl.constexpr, MM: tl.constexpr,
     MN: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -366,7 +369,7 @@ def _tau_kernel(
     j_stop = tl.cdiv(kv_stop, BN)
     m, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _dense_stage(
         q, K, kv_base, kv_full, kv_stop, offs_m, offs_d, seq_len, length, c, row_ok, MASK, mask_base, grows, TM, TN,
-        IS_CAUSAL, EVEN_D, HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
+        IS_CAUSAL, EVEN_D, EVEN_N, HEAD_DIM, TOPK, CODES, BM, BN, MM, MN, DOT_PREC)
     zmax = tl.where(empty, 0.0, m * c)
 
     # 2. the bracket and the start
@@ -399,44 +402,40 @@ def _tau_kernel(
     if WITH_STATS:
         tl.atomic_add(STATS, 1)
     tau_ref = tau
-    if CODES:
-        rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
-        zero_g = tl.zeros_like(rebase)
-        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, j_stop * (BN // MN), zero_g, rebase,
-                             BM, MM, BNS // MN, True)
-        n_lead = _count_below(lst, n_list, js_full)
-    else:  # a second dense pass: every tile, each chunk's code made exact
-        n_list = _list_all(lst, js_stop)
-        n_lead = js_full
-    s0 = tl.zeros([BM], dtype=tl.float32)
-    s1 = tl.zeros([BM], dtype=tl.float32)
-    s2 = tl.zeros([BM], dtype=tl.float32)
-    s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, 0, n_lead, tau, c, b_exp, row_ok, offs_m, offs_ns, offs_d,
-                        seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, False, IS_CAUSAL, EVEN_D, HEAD_DIM,
-                        TIGHTEN or not CODES, BM, BNS, MM, MN, DOT_PREC)
-    s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, n_lead, n_list, tau, c, b_exp, row_ok, offs_m, offs_ns,
-                        offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, True, IS_CAUSAL, EVEN_D,
-                        HEAD_DIM, TIGHTEN or not CODES, BM, BNS, MM, MN, DOT_PREC)
-    if WITH_STATS:
-        tl.atomic_add(STATS + 1, n_list)
-        tl.atomic_add(STATS + 1 + _MAX_SWEEPS_C, 1)
-    tau, lo, hi, step = _halley(tau, lo, hi, s0, s1, s2, zmax, empty, b_exp, B_INT)
-    it = pid_bh * 0 + 1
-    go = (it < niter) & (tl.max(step, axis=0) > tol)
+    rebase = _group_max(tl.where(row_ok, zmax - tau, float("-inf")), BM, MM)
+    zero_g = tl.zeros_like(rebase)
+    # one loop body for every sweep (each copy of a sweep costs Triton's compile time far more
+    # than its size); the first sweep (it == 0) differs only in uniform branches: it re-bases
+    # the codes on tau_ref while listing (without codes: lists every tile) and tightens them
+    TIGHT_FIRST: tl.constexpr = TIGHTEN or not CODES
+    it = pid_bh * 0
+    go = it < 1
     while go:
-        shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
-        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, js_stop * (BNS // MN), shift, shift,
-                             BM, MM, BNS // MN, False)
+        first = it == 0
+        if first:
+            shift = zero_g
+            rebase_now = rebase
+            n_coded = j_stop * (BN // MN)
+        else:
+            shift = _group_max(tl.where(row_ok, tau_ref - tau, float("-inf")), BM, MM)
+            rebase_now = zero_g
+            n_coded = js_stop * (BNS // MN)
+        if CODES:
+            n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, n_coded, shift, rebase_now, first,
+                                 BM, MM, BNS // MN)
+        else:  # a second dense pass first: every tile, each chunk's code made exact
+            if first:
+                n_list = _list_all(lst, js_stop)
+            else:
+                n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, n_coded, shift, rebase_now,
+                                     first, BM, MM, BNS // MN)
         n_lead = _count_below(lst, n_list, js_full)
         s0 = tl.zeros([BM], dtype=tl.float32)
         s1 = tl.zeros([BM], dtype=tl.float32)
         s2 = tl.zeros([BM], dtype=tl.float32)
-        s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, 0, n_lead, tau, c, b_exp, row_ok, offs_m, offs_ns,
-                            offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, False, IS_CAUSAL, EVEN_D,
-                            HEAD_DIM, False, BM, BNS, MM, MN, DOT_PREC)
         s0, s1, s2 = _sweep(s0, s1, s2, q, K, kv_base, lst, n_lead, n_list, tau, c, b_exp, row_ok, offs_m, offs_ns,
-                            offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, B_INT, True, IS_CAUSAL, EVEN_D,
-                            HEAD_DIM, False, BM, BNS, MM, MN, DOT_PREC)
+                            offs_d, seq_len, length, MASK, mask_base, grows, TM, TN, first & TIGHT_FIRST,
+                            B_INT, IS_CAUSAL, EVEN_D, EVEN_N, HEAD_DIM, BM, BNS, MM, MN, DOT_PREC)
         if WITH_STATS:
             slot = tl.minimum(it, _MAX_SWEEPS_C - 1)
             tl.atomic_add(STATS + 1 + slot, n_list)
@@ -450,14 +449,14 @@ def _tau_kernel(
     # 3b. (fwd_mode="fused") the sparse forward of these rows: the key tiles holding a chunk
     # whose bound clears the final tau, the same tiles the staged forward's lists hold
     if FORWARD:
-        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, js_stop * (BNS // MN), shift, shift,
-                             BM, MM, BNS // MN, False)
+        n_list = _list_tiles(lst, MASK, mask_base, grows, TM, TN, js_stop, js_stop * (BNS // MN), shift, zero_g,
+                             False, BM, MM, BNS // MN)
         n_lead = _count_below(lst, n_list, js_full)
         row_in = offs_m < seq_len
         forward_rows(O, INVL, O2, q, tau, K, V, kv_base, lst, n_lead, n_list, offs_m, offs_ns, offs_d,
                      q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                      row_in[:, None] & (offs_d[None, :] < HEAD_DIM), pid_bh.to(tl.int64) * seq_len + offs_m, row_in,
-                     seq_len, length, c, b_exp, B_INT, IS_CAUSAL, NEED_INVL, NEED_O2, HEAD_DIM, EVEN_D,
+                     seq_len, length, c, b_exp, B_INT, IS_CAUSAL, NEED_INVL, NEED_O2, HEAD_DIM, EVEN_D, EVEN_N,
                      BM, BNS, BD, DOT_PREC)
 
     # 4. the block mask as 0/1 for every chunk of this program's row groups
@@ -516,7 +515,7 @@ def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_cau
                int(config["niter"]))
     meta = dict(
         B_INT=integer_b(alpha), INIT=init, TOPK=topk, IS_CAUSAL=is_causal,
-        HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d,
+        HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.seq_len % max(bn, bns) == 0,
         TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
         WITH_STATS=with_stats, FORWARD=forward, NEED_INVL=forward and need_invl, NEED_O2=forward and need_o2,
         BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
