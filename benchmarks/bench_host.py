@@ -302,8 +302,11 @@ def _run_child(kind: str, spec: dict[str, Any], env: dict[str, str], timeout: fl
 
 
 def _child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: the caller's PYTHONPATH first (a run that puts another
+    tree of the package there, e.g. an A/B against an older commit, measures that tree), then
+    this checkout, so a child imports the package even where it is not installed."""
     path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""), **extra)
+    return dict(os.environ, PYTHONPATH=(path + os.pathsep if path else "") + str(REPO), **extra)
 
 
 HEAVY_MODULES = ("torch._dynamo", "sympy", "sqlalchemy", "optuna", "triton")

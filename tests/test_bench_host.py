@@ -47,3 +47,18 @@ def test_profile_host_refuses_without_a_gpu(tmp_path):
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr
     assert not out.exists()
+
+
+def test_child_processes_import_the_package_the_caller_put_first(tmp_path, monkeypatch):
+    """A fresh-process reading measures the tree the caller's PYTHONPATH names first (an A/B of two
+    commits), and still finds this checkout when PYTHONPATH is unset."""
+    from tests.scripts import load_script
+
+    bench = load_script("benchmarks/bench_host.py")
+    other = tmp_path / "older-tree"
+    monkeypatch.setenv("PYTHONPATH", str(other))
+    parts = bench._child_env(EXTRA="1")["PYTHONPATH"].split(os.pathsep)
+    assert parts[0] == str(other) and parts[-1] == str(REPO)
+    assert bench._child_env(EXTRA="1")["EXTRA"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert bench._child_env()["PYTHONPATH"] == str(REPO)
