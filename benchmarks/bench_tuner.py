@@ -176,6 +176,8 @@ def _write(report: dict[str, Any], out: Path, slug: str) -> None:
 
 
 def _plot(report: dict[str, Any], path: Path) -> bool:
+    if not report["problems"]:  # a throughput-only run has no quality curves to draw
+        return False
     try:
         import matplotlib
 

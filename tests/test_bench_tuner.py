@@ -86,3 +86,15 @@ def test_bad_problem_index_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--problems", "7", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "--problems" in proc.stderr
+
+
+def test_a_throughput_only_report_has_no_plot_and_is_still_written(bench, tmp_path):
+    """``--throughput-only`` studies no problem: the JSON is written and no plot is attempted
+    (matplotlib refuses a figure of zero panels, which used to end such a run with an error)."""
+    pytest.importorskip("matplotlib")
+    report = {"problems": [], "quality": [], "throughput": [], "objective": "fwd+bwd"}
+    assert bench._plot(report, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+    bench._write(report, tmp_path, "tput")
+    assert json.loads((tmp_path / "tuner-tput.json").read_text())["throughput"] == []
+    assert bench._plot(_report() | {"objective": "fwd"}, tmp_path / "p.png") is True
