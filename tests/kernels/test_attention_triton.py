@@ -31,6 +31,8 @@ CASES = [
     (1, 2, 1, 64, 48, 1.5, False, None),
     (1, 2, 1, 77, 96, 4 / 3, True, None),
     (1, 1, 1, 50, 16, 1.7, False, None),
+    # N a multiple of every tile (EVEN_N: unbounded loads) with lengths that still mask tiles
+    (2, 2, 1, 64, 32, 1.5, True, (64, 23)),
 ]
 
 #: The configs below pin ``fwd_mode="staged"`` (their forward tiles are part of what they test);
