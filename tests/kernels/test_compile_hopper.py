@@ -62,6 +62,12 @@ def compile_tau(init: str, alpha: float) -> None:
     launch = tau_launch(geo, config, alpha, 0.125, True, init == "subset16", torch.bfloat16, False, fused)
     asm = _compile(launch)
     assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+    # One loop body per pass: QK^T in the dense pass and in the sweep, QK^T and P.V in the fused
+    # forward. Every extra copy of a loop (a masked twin, a separate first sweep) adds its products
+    # here and costs Triton's Coalesce pass (memory ops) x (kernel size)^2 of compile time: 2.6 s of
+    # a 4 s first call on the H200 before the copies were merged (README, "Compile time").
+    dots = asm["ttir"].count(" = tt.dot ")
+    assert dots == (4 if fused else 2), f"{dots} tt.dot ops: a pass has more than one loop body"
 
 
 def compile_products(kind: str) -> None:
