@@ -65,7 +65,7 @@ def run_variant(probe, q, k, causal: bool, variant, ms) -> dict[str, Any]:
     def call():
         probe[(n_mblocks, geo.rows)](
             q, k, mask, out, geo.seq_len, geo.q_heads, geo.group, tm, tn, n_mblocks, 0.5,
-            IS_CAUSAL=causal, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.seq_len % bn == 0, TOPK=topk,
+            IS_CAUSAL=causal, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.even_n(bn), TOPK=topk,
             CODES=codes, BM=bm, BN=bn, BD=geo.block_d, MM=mm, MN=mn, DOT_PREC=dot_precision(q.dtype), num_warps=warps,
             num_stages=stages)
 

@@ -346,3 +346,11 @@ def test_environment_reads_follow_changes(monkeypatch):
     assert launch_mod.env_value("ADASPLASH_TUNE_TEST_FLAG", "-") == "0"
     monkeypatch.delenv("ADASPLASH_TUNE_TEST_FLAG")
     assert launch_mod.env_value("ADASPLASH_TUNE_TEST_FLAG", "-") == "-"
+
+
+def test_even_n_holds_only_when_every_tile_size_divides_the_sequence():
+    from adasplash_tune.kernels.attention.common import Geometry
+
+    assert Geometry(1, 2, 1, 4096, 64).even_n(64, 32)
+    assert not Geometry(1, 2, 1, 4096 + 32, 64).even_n(64, 32)  # 32-key tiles fit, 64-key ones do not
+    assert not Geometry(1, 2, 1, 100, 64).even_n(16)

@@ -77,6 +77,11 @@ class Geometry:
     def even_d(self) -> bool:
         return self.block_d == self.head_dim
 
+    def even_n(self, *tiles: int) -> bool:
+        """Whether the sequence splits into whole tiles of every size in ``tiles`` (no key tile reaches
+        past N: the kernels' EVEN_N drops the loads' bounds)."""
+        return all(self.seq_len % tile == 0 for tile in tiles)
+
     @property
     def rows(self) -> int:
         return self.batch * self.q_heads

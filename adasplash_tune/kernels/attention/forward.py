@@ -146,9 +146,8 @@ def forward_launch(geo: Geometry, config: Config, alpha: float, scale: float, is
     scalars = (geo.seq_len, geo.q_heads, geo.group, n_q, n_k, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0))
     meta = dict(
         B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, NEED_STATS=need_stats,
-        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.seq_len % bn == 0, BM=bm,
-        BN=bn, BD=geo.block_d,
-        DOT_PREC=dot_precision(dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
+        NEED_O2=need_o2, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.even_n(bn), BM=bm, BN=bn,
+        BD=geo.block_d, DOT_PREC=dot_precision(dtype), num_warps=config["fwd_warps"], num_stages=config["fwd_stages"],
     )
     return Launch(_fwd_kernel, (n_q, geo.rows), scalars, meta)
 

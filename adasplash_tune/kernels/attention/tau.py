@@ -515,7 +515,7 @@ def tau_launch(geo: Geometry, config: Config, alpha: float, scale: float, is_cau
                int(config["niter"]))
     meta = dict(
         B_INT=integer_b(alpha), INIT=init, TOPK=topk, IS_CAUSAL=is_causal,
-        HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.seq_len % max(bn, bns) == 0,
+        HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim, EVEN_D=geo.even_d, EVEN_N=geo.even_n(bn, bns),
         TIGHTEN=config["mask_source"] == "sweeps", CODES=config["tau_dense_passes"] == 1,
         WITH_STATS=with_stats, FORWARD=forward, NEED_INVL=forward and need_invl, NEED_O2=forward and need_o2,
         BM=bm, BN=bn, BNS=bns, BD=geo.block_d, MM=config["mask_m"], MN=config["mask_n"],
