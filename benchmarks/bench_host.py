@@ -14,7 +14,9 @@ Parts (``--parts``, default all):
   ``adasplash`` against SDPA: step time and peak memory beyond the model and optimizer state.
 * ``first-call``: a fresh process's first ``adasplash`` call (forward; forward+backward) with a
   cache hit, with an empty Triton kernel cache (cold) and reusing it (warm), reported beyond
-  ``import torch``; plus ``import adasplash_tune``'s cost from ``python -X importtime``.
+  ``import torch``; plus ``import adasplash_tune``'s cost from ``python -X importtime``. With
+  ``--breakdown`` one more cold process clocks Triton's kernel compiles (per kernel) and its C
+  builds (its driver utilities, each new launcher signature) inside that call.
 * ``memory``: peak memory beyond the inputs of causal (1, 8, 131072, 64) bfloat16 forward+backward
   and forward without gradients, ``adasplash`` against SDPA, each in a fresh process after a warm-up.
 
@@ -312,8 +314,40 @@ def _child_env(**extra: str) -> dict[str, str]:
 HEAVY_MODULES = ("torch._dynamo", "sympy", "sqlalchemy", "optuna", "triton")
 
 
+def clock_calls(owner: Any, name: str, records: list[tuple[str, float]], label: Callable[..., str]) -> None:
+    """Replace ``owner.name`` by a wrapper that appends (label(*args, **kwargs), seconds) to
+    ``records`` for every call."""
+    inner = getattr(owner, name)
+
+    def clocked(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            records.append((label(*args, **kwargs), time.perf_counter() - start))
+
+    setattr(owner, name, clocked)
+
+
+def _triton_clocks() -> tuple[float, list[tuple[str, float]], list[tuple[str, float]]]:
+    """Import Triton (seconds returned) and clock its kernel compiles (by kernel name) and its C
+    builds (the launcher of each new kernel signature, the driver's utilities) from now on."""
+    start = time.perf_counter()
+    import triton.compiler
+    import triton.runtime.build
+
+    seconds = time.perf_counter() - start
+    compiles: list[tuple[str, float]] = []
+    builds: list[tuple[str, float]] = []
+    clock_calls(triton.compiler, "compile", compiles, lambda src, *a, **k: getattr(src, "name", type(src).__name__))
+    clock_calls(triton.runtime.build, "_build", builds, lambda name, *a, **k: name)
+    return seconds, compiles, builds
+
+
 def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
-    """In a fresh process: import torch, import the package, time the first call to its result."""
+    """In a fresh process: import torch, import the package, time the first call to its result.
+    With ``spec["breakdown"]`` Triton is imported before the clock and its compiles and C builds
+    are clocked inside the call (the call's time then excludes Triton's import)."""
     t0 = time.perf_counter()
     import torch
 
@@ -321,6 +355,7 @@ def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
     import adasplash_tune
 
     t2 = time.perf_counter()
+    clocks = _triton_clocks() if spec.get("breakdown") else None
     batch, heads, n, dim = spec["shape"]
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -343,9 +378,17 @@ def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = [m for m in HEAVY_MODULES if m in sys.modules]
     second = call()
     source = adasplash_tune.select("adasplash", q, k, v, ALPHA, spec["causal"]).source  # after: a memo hit
-    return {"import_torch_s": t1 - t0, "import_package_s": t2 - t1, "first_call_s": first,
-            "beyond_torch_s": (t2 - t1) + first, "second_call_s": second, "source": source,
-            "heavy_modules_after_first_call": loaded}
+    result = {"import_torch_s": t1 - t0, "import_package_s": t2 - t1, "first_call_s": first,
+              "beyond_torch_s": (t2 - t1) + first, "second_call_s": second, "source": source,
+              "heavy_modules_after_first_call": loaded}
+    if clocks is not None:
+        import_triton_s, compiles, builds = clocks
+        compile_s, build_s = sum(s for _, s in compiles), sum(s for _, s in builds)
+        result["breakdown"] = {
+            "import_triton_s": import_triton_s, "compile_s": compile_s, "c_build_s": build_s,
+            "rest_s": first - compile_s - build_s,
+            "compiles": [[n, round(s, 3)] for n, s in compiles], "c_builds": [[n, round(s, 3)] for n, s in builds]}
+    return result
 
 
 def _seed_cache(cache: str, shape: list[int], causal: bool, cuda: bool) -> None:
@@ -378,7 +421,7 @@ def import_cost() -> dict[str, Any]:
     return {"import_torch_s": cumulative.get("torch"), "import_package_beyond_torch_s": cumulative.get("adasplash_tune")}
 
 
-def first_call_part(cuda: bool, quick: bool) -> dict[str, Any]:
+def first_call_part(cuda: bool, quick: bool, breakdown: bool = False) -> dict[str, Any]:
     cases = [([1, 2, 128, 64], True, True)] if quick else [([4, 16, 4096, 64], True, False),
                                                         ([4, 16, 4096, 64], False, True)]
     rows = []
@@ -393,6 +436,9 @@ def first_call_part(cuda: bool, quick: bool) -> dict[str, Any]:
             if cuda:  # the first child compiles into the empty kernel cache, the second reuses it
                 row["cold"] = _run_child("first-call", spec, env)
             row["warm"] = _run_child("first-call", spec, env)
+            if cuda and breakdown:  # once more cold, with Triton's compiles and C builds clocked
+                env["TRITON_CACHE_DIR"] = str(Path(tmp) / f"triton-{i}-breakdown")
+                row["cold_breakdown"] = _run_child("first-call", dict(spec, breakdown=True), env)
             rows.append(row)
     return {"cases": rows, "import": import_cost(),
             "note": None if cuda else "CPU: the torch backend compiles nothing, so only the warm case is run"}
@@ -489,6 +535,11 @@ def _table(report: dict[str, Any]) -> str:
             parts = [f"{name} {r[name]['beyond_torch_s']:.2f} (call {r[name]['first_call_s']:.2f}, "
                      f"source {r[name]['source']})" for name in ("cold", "warm") if name in r]
             lines.append(f"  {tuple(r['shape'])} causal={r['causal']} {kind}: " + "; ".join(parts))
+            split = r.get("cold_breakdown", {}).get("breakdown")
+            if split:
+                kernels = ", ".join(f"{n} {s:.2f}" for n, s in split["compiles"])
+                lines.append(f"    cold, split: compile {split['compile_s']:.2f} s ({kernels}); C builds "
+                             f"{split['c_build_s']:.2f} s ({len(split['c_builds'])}); rest {split['rest_s']:.2f} s")
     memory = report.get("memory")
     if isinstance(memory, dict) and "cases" in memory:
         lines += ["", "peak memory beyond the inputs, MB (fresh process each, after a warm-up)"]
@@ -510,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (host part)")
     parser.add_argument("--repeats", type=int, default=None, help="timed loops per case (host part)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="first-call part: one more cold run with Triton's compiles and C builds clocked")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -531,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"environment": _environment(cuda), "quick": quick,
                               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     runners = {"host": lambda: host_part(cuda, quick, calls, repeats), "train": lambda: train_part(cuda, quick),
-               "first-call": lambda: first_call_part(cuda, quick), "memory": lambda: memory_part(cuda, quick)}
+               "first-call": lambda: first_call_part(cuda, quick, args.breakdown), "memory": lambda: memory_part(cuda, quick)}
     for part in parts:
         start = time.perf_counter()
         try:

@@ -62,3 +62,29 @@ def test_child_processes_import_the_package_the_caller_put_first(tmp_path, monke
     assert bench._child_env(EXTRA="1")["EXTRA"] == "1"
     monkeypatch.delenv("PYTHONPATH")
     assert bench._child_env()["PYTHONPATH"] == str(REPO)
+
+
+def test_clock_calls_records_each_call_and_passes_results_and_errors_through():
+    """The first-call breakdown's wrapper: one (label, seconds) per call, the callee's result and
+    exceptions unchanged."""
+    import types
+
+    import pytest
+
+    from tests.scripts import load_script
+
+    bench = load_script("benchmarks/bench_host.py")
+
+    def work(name, fail=False):
+        if fail:
+            raise RuntimeError(name)
+        return name.upper()
+
+    owner = types.SimpleNamespace(work=work)
+    records = []
+    bench.clock_calls(owner, "work", records, lambda name, **kw: f"job {name}")
+    assert owner.work("a") == "A"
+    with pytest.raises(RuntimeError, match="b"):
+        owner.work("b", fail=True)
+    assert [label for label, _ in records] == ["job a", "job b"]
+    assert all(seconds >= 0 for _, seconds in records)
