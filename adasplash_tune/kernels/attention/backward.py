@@ -71,28 +71,11 @@ def _row_prob_scale(inv_l, b_exp, B_INT: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptrs, row_in, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):
-    """One tile of rows (zeros past ``seq_len`` and ``HEAD_DIM``): EVEN_N drops the row bound
-    (no tile reaches past N), EVEN_D the column bound."""
-    if EVEN_N:
-        if EVEN_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        x = tl.load(ptrs, mask=row_in[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    return x
-
-
-@triton.jit
-def _load_records(ROWS, stat_base, offs_m, row_in, EVEN_N: tl.constexpr):
+def _load_records(ROWS, stat_base, offs_m, row_in):
     """The dQ kernel's per-row records [c * r, tau * r, delta, 0] of rows ``offs_m`` (zeros for rows
     out of range: a = 0 there) as three [BM] vectors, from one 16-byte load per row."""
-    rec_ptrs = ROWS + (stat_base + offs_m)[:, None] * 4 + tl.arange(0, 4)[None, :]
-    if EVEN_N:
-        rec = tl.load(rec_ptrs)
-    else:
-        rec = tl.load(rec_ptrs, mask=row_in[:, None], other=0.0)
+    rec = tl.load(ROWS + (stat_base + offs_m)[:, None] * 4 + tl.arange(0, 4)[None, :], mask=row_in[:, None],
+                  other=0.0)
     even, odd = tl.split(tl.reshape(rec, (offs_m.shape[0], 2, 2)))  # fields (0, 2) and (1, 3)
     cr, delta = tl.split(even)
     tr, _ = tl.split(odd)
@@ -100,24 +83,22 @@ def _load_records(ROWS, stat_base, offs_m, row_in, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _kv_tiles(dk, dv, k, v, Q, DO, ROWS, q_base, stat_base, LIST, n_masked, n_all,
+def _kv_tiles(dk, dv, k, v, Q, DO, ROWS, q_base, stat_base, LIST, i_lo, i_hi,
               offs_n, offs_mb, offs_d, seq_len, length, b_exp,
-              B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-              EVEN_N: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate the listed query tiles LIST[0:n_all] into (dk, dv); the first ``n_masked`` apply
-    the causal / length mask. One loop for both kinds of tile (a uniform branch masks the scores):
-    each copy of a loop body costs Triton's compile time far more than its size."""
-    for i in range(0, n_all):
+              B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(i_lo, i_hi):
         qt = tl.load(LIST + i)
         offs_m = qt * BM + offs_mb
         row_in = offs_m < seq_len
+        ld = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
         ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q = _load_rows(Q + ptrs, row_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        do = _load_rows(DO + ptrs, row_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        cr, tr, delta = _load_records(ROWS, stat_base, offs_m, row_in, EVEN_N)
+        q = tl.load(Q + ptrs, mask=ld, other=0.0)
+        do = tl.load(DO + ptrs, mask=ld, other=0.0)
+        cr, tr, delta = _load_records(ROWS, stat_base, offs_m, row_in)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BN, BM)
         a = st * cr[None, :] - tr[None, :]  # r * (z - tau)
-        if i < n_masked:
+        if MASKED:
             valid = offs_n[:, None] < length
             if IS_CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :])
@@ -136,8 +117,7 @@ def _bwd_kv_kernel(
     Q, K, V, DO, ROWS, DK, DV, LIST, COUNT, LENS,
     seq_len, H, HKV, GROUP, n_kt, n_qt, c, b_exp, sfac_exp, scale,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
@@ -165,37 +145,36 @@ def _bwd_kv_kernel(
         count = tl.load(COUNT + row * 2)
         masked = tl.load(COUNT + row * 2 + 1)
         lst = LIST + row * n_qt
+        dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, ROWS, q_base, stat_base, lst, 0, masked,
+                           offs_n, offs_mb, offs_d, seq_len, length, b_exp,
+                           B_INT, True, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
         dk, dv = _kv_tiles(dk, dv, k, v, Q, DO, ROWS, q_base, stat_base, lst, masked, count,
                            offs_n, offs_mb, offs_d, seq_len, length, b_exp,
-                           B_INT, IS_CAUSAL, HEAD_DIM, EVEN_D, EVEN_N, BM, DOT_PREC)
+                           B_INT, False, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
     tl.store(DK + io_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
     tl.store(DV + io_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
-def _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, LIST, n_masked, n_all,
+def _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, LIST, i_lo, i_hi,
                  offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
-                 B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-                 EVEN_N: tl.constexpr, BM: tl.constexpr, DOT_PREC: tl.constexpr):
-    """As :func:`_kv_tiles`, and each visited tile's share of dQ added into DQ (float32)."""
-    for i in range(0, n_all):
+                 B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(i_lo, i_hi):
         qt = tl.load(LIST + i)
         offs_m = qt * BM + offs_mb
         row_in = offs_m < seq_len
+        ld = row_in[:, None] & (offs_d[None, :] < HEAD_DIM)
         ptrs = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q = _load_rows(Q + ptrs, row_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        do = _load_rows(DO + ptrs, row_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        o2 = _load_rows(O2 + ptrs, row_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        if EVEN_N:
-            tau = tl.load(TAU + stat_base + offs_m)
-            inv_l = tl.load(INVL + stat_base + offs_m)
-        else:
-            tau = tl.load(TAU + stat_base + offs_m, mask=row_in, other=BIG)
-            inv_l = tl.load(INVL + stat_base + offs_m, mask=row_in, other=0.0)
+        q = tl.load(Q + ptrs, mask=ld, other=0.0)
+        do = tl.load(DO + ptrs, mask=ld, other=0.0)
+        o2 = tl.load(O2 + ptrs, mask=ld, other=0.0)
+        tau = tl.load(TAU + stat_base + offs_m, mask=row_in, other=BIG)
+        inv_l = tl.load(INVL + stat_base + offs_m, mask=row_in, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o2.to(tl.float32), axis=1)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BN, BM)
         u = st * c - tau[None, :]
-        if i < n_masked:
+        if MASKED:
             valid = offs_n[:, None] < length
             if IS_CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :])
@@ -208,10 +187,7 @@ def _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, LIST
         dst = (w * (dpt - delta[None, :])).to(q.dtype)
         dk = tl.dot(dst, q, dk, input_precision=DOT_PREC)
         dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * scale  # (BM, BD)
-        if EVEN_N and EVEN_D:
-            tl.atomic_add(DQ + ptrs, dq, sem="relaxed")
-        else:
-            tl.atomic_add(DQ + ptrs, dq, mask=row_in[:, None] & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        tl.atomic_add(DQ + ptrs, dq, mask=ld, sem="relaxed")
     return dk, dv
 
 
@@ -220,8 +196,7 @@ def _bwd_fused_kernel(
     Q, K, V, DO, O2, TAU, INVL, DK, DV, DQ, LIST, COUNT, LENS,
     seq_len, H, HKV, GROUP, n_kt, n_qt, c, b_exp, sfac_exp, scale,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
@@ -249,30 +224,39 @@ def _bwd_fused_kernel(
         count = tl.load(COUNT + row * 2)
         masked = tl.load(COUNT + row * 2 + 1)
         lst = LIST + row * n_qt
+        dk, dv = _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, lst, 0, masked,
+                              offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
+                              B_INT, True, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
         dk, dv = _fused_tiles(dk, dv, k, v, Q, DO, O2, DQ, TAU, INVL, q_base, stat_base, lst, masked, count,
                               offs_n, offs_mb, offs_d, seq_len, length, c, b_exp, sfac_exp, scale,
-                              B_INT, IS_CAUSAL, HEAD_DIM, EVEN_D, EVEN_N, BM, DOT_PREC)
+                              B_INT, False, IS_CAUSAL, HEAD_DIM, BM, DOT_PREC)
     tl.store(DK + io_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
     tl.store(DV + io_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
-def _q_tiles(acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, LIST, n_plain, n_all,
+def _q_tiles(acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, LIST, i_lo, i_hi,
              offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
-             B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-             EVEN_N: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, ALPHA_GRAD: tl.constexpr):
-    """Accumulate the listed key tiles LIST[0:n_all] (from ``n_plain`` on with the causal / length
-    mask, behind a uniform branch: one loop body)."""
-    for i in range(0, n_all):
+             B_INT: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+             EVEN_D: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+    for i in range(i_lo, i_hi):
         j = tl.load(LIST + i)
         cols = j * BN + offs_nb
-        col_in = cols < seq_len
-        kv_ptrs = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        k = _load_rows(K + kv_ptrs, col_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
-        v = _load_rows(V + kv_ptrs, col_in, offs_d, HEAD_DIM, EVEN_D, EVEN_N)
+        k_ptrs = K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        v_ptrs = V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        if MASKED:
+            ld = (cols[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=ld, other=0.0)
+            v = tl.load(v_ptrs, mask=ld, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         u = s * c - tau[:, None]
-        if i >= n_plain:
+        if MASKED:
             valid = cols[None, :] < length
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
@@ -299,8 +283,8 @@ def _bwd_q_kernel(
     Q, K, V, DO, TAU, INVL, ROWS, DQ, GALPHA, LIST, COUNT, LENS,
     seq_len, H, GROUP, n_qt, n_kt, c, b_exp, sfac_exp, scale,
     B_INT: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ALPHA_GRAD: tl.constexpr,
+    EVEN_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALPHA_GRAD: tl.constexpr,
 ):
     pid_m = n_qt - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -341,9 +325,13 @@ def _bwd_q_kernel(
     e_log = tl.zeros([BM], dtype=tl.float32)
     e_dplog = tl.zeros([BM], dtype=tl.float32)
     acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog = _q_tiles(
+        acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, lst, 0, plain,
+        offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
+        B_INT, False, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC, ALPHA_GRAD)
+    acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog = _q_tiles(
         acc_a, acc_b, sdp, ssum, e_dp, e_log, e_dplog, q, do, tau, K, V, kv_base, lst, plain, count,
         offs_m, offs_nb, offs_d, seq_len, length, c, b_exp,
-        B_INT, IS_CAUSAL, HEAD_DIM, EVEN_D, EVEN_N, BN, DOT_PREC, ALPHA_GRAD)
+        B_INT, True, IS_CAUSAL, HEAD_DIM, EVEN_D, BN, DOT_PREC, ALPHA_GRAD)
     delta = tl.where(ssum > 0, sdp / tl.where(ssum > 0, ssum, 1.0), 0.0)
     dq = (acc_a - delta[:, None] * acc_b) * (_row_weight_scale(inv_l, sfac_exp, B_INT) * scale)[:, None]
     tl.store(DQ + io_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -375,18 +363,18 @@ def backward_launch(kind: str, geo: Geometry, config: Config, alpha: float, scal
         n_own, n_cand = triton.cdiv(geo.seq_len, bm), triton.cdiv(geo.seq_len, bn)
         head = (geo.seq_len, geo.q_heads, geo.group)
         warps, stages = config["bwd_q_warps"], config["bwd_q_stages"]
-        extra = dict(EVEN_N=geo.even_n(bn), ALPHA_GRAD=alpha_grad)
+        extra = dict(EVEN_D=geo.even_d, ALPHA_GRAD=alpha_grad)
         grid = (n_own, geo.rows)
     else:
         bm, bn = config["bwd_block_m"], config["bwd_block_n"]
         n_own, n_cand = triton.cdiv(geo.seq_len, bn), triton.cdiv(geo.seq_len, bm)
         head = (geo.seq_len, geo.q_heads, geo.kv_heads, geo.group)
         warps, stages = config["bwd_warps"], config["bwd_stages"]
-        extra = dict(EVEN_N=geo.even_n(bm))
+        extra = {}
         grid = (n_own, geo.batch * geo.kv_heads)
     scalars = (*head, n_own, n_cand, (alpha - 1.0) * scale, 1.0 / (alpha - 1.0), 2.0 - alpha, scale)
     meta = dict(B_INT=integer_b(alpha), IS_CAUSAL=is_causal, HAS_VARLEN=has_varlen, HEAD_DIM=geo.head_dim,
-                EVEN_D=geo.even_d, BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(dtype), **extra,
+                BM=bm, BN=bn, BD=geo.block_d, DOT_PREC=dot_precision(dtype), **extra,
                 num_warps=warps, num_stages=stages)
     return Launch(_BWD_KERNELS[kind], grid, scalars, meta)
 
