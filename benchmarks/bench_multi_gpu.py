@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -72,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from adasplash_tune.device import fingerprint
+    from adasplash_tune.tuner.options import default_compile_workers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     smoke = args.cpu_smoke or not torch.cuda.is_available()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = args.trials or (8 if smoke else 12)
     workers = args.compile_workers
     if workers is None:
-        workers = 0 if smoke else min(8, os.cpu_count() or 1)
+        workers = 0 if smoke else default_compile_workers()
     problems = _problems(smoke)
     fp = fingerprint("cpu" if smoke else "cuda:0")
     shared = None

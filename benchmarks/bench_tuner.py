@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -236,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from adasplash_tune.device import fingerprint
+    from adasplash_tune.tuner.options import default_compile_workers
     from adasplash_tune.tuner.space import build_space, device_context, target_of
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no GPU: running the CPU smoke version")
     backend, device = ("torch", "cpu") if smoke else ("triton", "cuda:0")
     limit = args.limit or (8 if smoke else 48)
-    workers = args.compile_workers if args.compile_workers is not None else (2 if smoke else min(8, os.cpu_count() or 1))
+    workers = args.compile_workers if args.compile_workers is not None else (2 if smoke else default_compile_workers())
     fp = fingerprint(device)
     report: dict[str, Any] = {"device": fp.as_dict(), "backend": backend, "limit": limit, "problems": [],
                               "quality": [], "throughput": [], "objective": None}

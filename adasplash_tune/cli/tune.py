@@ -263,7 +263,7 @@ class _Progress:
 @click.option("--backward/--forward-only", default=None,
               help="Tune forward+backward time (default: when the kernel declares backward knobs).")
 @click.option("--compile-workers", type=click.IntRange(min=0), default=None,
-              help="Parallel compile processes (default: up to 8 for triton on a GPU, else 0).")
+              help="Parallel compile processes (default: one per CPU core, up to 16, for triton on a GPU; else 0).")
 @click.option("--trial-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds one trial may take before its worker is killed.")
 @click.option("--skip-tuned", is_flag=True,
@@ -275,14 +275,13 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
          dtype, rows, cols, strategy, trials, time_budget, cache, from_record, inputs_spec, gpus, storage, space,
          confirm, seed, backward, compile_workers, trial_timeout, skip_tuned, as_json) -> None:
     """Tune problems on this machine and write the best configs to the cache."""
-    import os
-
     import optuna
     import torch
 
     from ..cache.locations import user_cache_location
     from ..cache.store import StoreError, open_store
     from ..tuner.job import TuneJob, TuneOptions
+    from ..tuner.options import default_compile_workers
     from ..tuner.problems import dedupe, problems_from_record
     from ..tuner.studies import default_storage_url
 
@@ -309,7 +308,7 @@ def tune(kernel: str, backend: str, seq_len, head_dim, batch, heads, kv_heads, a
     _check_writable(user_cache_location(cache), "cache")
     _check_writable(storage or default_storage_url(cache), "study storage")
     if compile_workers is None:
-        compile_workers = min(8, os.cpu_count() or 1) if (backend == "triton" and has_gpu) else 0
+        compile_workers = default_compile_workers() if (backend == "triton" and has_gpu) else 0
     options = TuneOptions(
         strategy=strategy, trials=trials or _DEFAULTS[(kernel, has_gpu)]["trials"], time_budget=time_budget,
         seed=seed, backward=backward, storage=storage, cache=cache, devices=devices,

@@ -165,3 +165,13 @@ def test_a_worker_whose_parent_was_killed_exits_quietly():
     proc = subprocess.run([sys.executable, "-c", _KILLED_PARENT], capture_output=True, text=True, timeout=180)
     assert proc.returncode == -9 and proc.stdout == "ready\n", proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+
+
+def test_default_compile_workers_is_one_per_core_up_to_the_cap(monkeypatch):
+    """A GPU tuning job compiles on every core (each worker is a process), capped; a host whose core
+    count is unknown still gets one worker."""
+    from adasplash_tune.tuner import options
+
+    for cores, expected in ((1, 1), (6, 6), (16, 16), (64, options.MAX_DEFAULT_COMPILE_WORKERS), (None, 1)):
+        monkeypatch.setattr(options.os, "cpu_count", lambda cores=cores: cores)
+        assert options.default_compile_workers() == expected
