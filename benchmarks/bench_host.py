@@ -15,7 +15,8 @@ Parts (``--parts``, default all):
 * ``first-call``: a fresh process's first ``adasplash`` call (forward; forward+backward) with a
   cache hit, with an empty Triton kernel cache (cold) and reusing it (warm), reported beyond
   ``import torch``; plus ``import adasplash_tune``'s cost from ``python -X importtime``. With
-  ``--breakdown`` one more cold process clocks Triton's kernel compiles (per kernel) and its C
+  ``--breakdown`` one more warm and one more cold process clock Triton's import, its kernel
+  compiles (per kernel; warm: cache lookups), the key of Triton itself inside them and its C
   builds (its driver utilities, each new launcher signature) inside that call.
 * ``memory``: peak memory beyond the inputs of causal (1, 8, 131072, 64) bfloat16 forward+backward
   and forward without gradients, ``adasplash`` against SDPA, each in a fresh process after a warm-up.
@@ -329,19 +330,23 @@ def clock_calls(owner: Any, name: str, records: list[tuple[str, float]], label: 
     setattr(owner, name, clocked)
 
 
-def _triton_clocks() -> tuple[float, list[tuple[str, float]], list[tuple[str, float]]]:
-    """Import Triton (seconds returned) and clock its kernel compiles (by kernel name) and its C
-    builds (the launcher of each new kernel signature, the driver's utilities) from now on."""
+def _triton_clocks() -> tuple[float, dict[str, list[tuple[str, float]]]]:
+    """Import Triton (seconds returned) and clock from now on its kernel compiles (by kernel name;
+    with a warm cache a compile is a cache lookup), inside them the key of Triton itself (a hash of
+    its own library, once per process), and its C builds (the launcher of each new kernel
+    signature, the driver's utilities)."""
     start = time.perf_counter()
     import triton.compiler
     import triton.runtime.build
+    import triton.runtime.cache
 
     seconds = time.perf_counter() - start
-    compiles: list[tuple[str, float]] = []
-    builds: list[tuple[str, float]] = []
-    clock_calls(triton.compiler, "compile", compiles, lambda src, *a, **k: getattr(src, "name", type(src).__name__))
-    clock_calls(triton.runtime.build, "_build", builds, lambda name, *a, **k: name)
-    return seconds, compiles, builds
+    clocks: dict[str, list[tuple[str, float]]] = {"compiles": [], "c_builds": [], "triton_key": []}
+    clock_calls(triton.compiler, "compile", clocks["compiles"],
+                lambda src, *a, **k: getattr(src, "name", type(src).__name__))
+    clock_calls(triton.runtime.build, "_build", clocks["c_builds"], lambda name, *a, **k: name)
+    clock_calls(triton.runtime.cache, "triton_key", clocks["triton_key"], lambda *a, **k: "triton_key")
+    return seconds, clocks
 
 
 def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
@@ -382,12 +387,13 @@ def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
               "beyond_torch_s": (t2 - t1) + first, "second_call_s": second, "source": source,
               "heavy_modules_after_first_call": loaded}
     if clocks is not None:
-        import_triton_s, compiles, builds = clocks
-        compile_s, build_s = sum(s for _, s in compiles), sum(s for _, s in builds)
+        import_triton_s, clocked = clocks
+        compile_s, build_s = (sum(s for _, s in clocked[name]) for name in ("compiles", "c_builds"))
         result["breakdown"] = {
             "import_triton_s": import_triton_s, "compile_s": compile_s, "c_build_s": build_s,
-            "rest_s": first - compile_s - build_s,
-            "compiles": [[n, round(s, 3)] for n, s in compiles], "c_builds": [[n, round(s, 3)] for n, s in builds]}
+            "triton_key_s": sum(s for _, s in clocked["triton_key"]), "rest_s": first - compile_s - build_s,
+            "compiles": [[n, round(s, 3)] for n, s in clocked["compiles"]],
+            "c_builds": [[n, round(s, 3)] for n, s in clocked["c_builds"]]}
     return result
 
 
@@ -436,7 +442,8 @@ def first_call_part(cuda: bool, quick: bool, breakdown: bool = False) -> dict[st
             if cuda:  # the first child compiles into the empty kernel cache, the second reuses it
                 row["cold"] = _run_child("first-call", spec, env)
             row["warm"] = _run_child("first-call", spec, env)
-            if cuda and breakdown:  # once more cold, with Triton's compiles and C builds clocked
+            if cuda and breakdown:  # once more warm, then cold, with Triton's work clocked
+                row["warm_breakdown"] = _run_child("first-call", dict(spec, breakdown=True), env)
                 env["TRITON_CACHE_DIR"] = str(Path(tmp) / f"triton-{i}-breakdown")
                 row["cold_breakdown"] = _run_child("first-call", dict(spec, breakdown=True), env)
             rows.append(row)
@@ -535,11 +542,14 @@ def _table(report: dict[str, Any]) -> str:
             parts = [f"{name} {r[name]['beyond_torch_s']:.2f} (call {r[name]['first_call_s']:.2f}, "
                      f"source {r[name]['source']})" for name in ("cold", "warm") if name in r]
             lines.append(f"  {tuple(r['shape'])} causal={r['causal']} {kind}: " + "; ".join(parts))
-            split = r.get("cold_breakdown", {}).get("breakdown")
-            if split:
-                kernels = ", ".join(f"{n} {s:.2f}" for n, s in split["compiles"])
-                lines.append(f"    cold, split: compile {split['compile_s']:.2f} s ({kernels}); C builds "
-                             f"{split['c_build_s']:.2f} s ({len(split['c_builds'])}); rest {split['rest_s']:.2f} s")
+            for name in ("warm", "cold"):
+                split = r.get(f"{name}_breakdown", {}).get("breakdown")
+                if split:
+                    kernels = ", ".join(f"{n} {s:.2f}" for n, s in split["compiles"])
+                    lines.append(f"    {name}, split: compile {split['compile_s']:.2f} s ({kernels}; Triton's own key "
+                                 f"{split['triton_key_s']:.2f}); C builds {split['c_build_s']:.2f} s "
+                                 f"({len(split['c_builds'])}); rest {split['rest_s']:.2f} s; import triton "
+                                 f"{split['import_triton_s']:.2f} s before the clock")
     memory = report.get("memory")
     if isinstance(memory, dict) and "cases" in memory:
         lines += ["", "peak memory beyond the inputs, MB (fresh process each, after a warm-up)"]
@@ -562,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=None, help="calls per timed loop (host part)")
     parser.add_argument("--repeats", type=int, default=None, help="timed loops per case (host part)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="first-call part: one more cold run with Triton's compiles and C builds clocked")
+                        help="first-call part: one more warm and cold run with Triton's work clocked")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -88,3 +88,20 @@ def test_clock_calls_records_each_call_and_passes_results_and_errors_through():
         owner.work("b", fail=True)
     assert [label for label, _ in records] == ["job a", "job b"]
     assert all(seconds >= 0 for _, seconds in records)
+
+
+def test_first_call_breakdown_child_reports_its_parts_on_cpu():
+    """The breakdown child imports Triton before the clock and reports what it clocked. On CPU the
+    torch backend compiles nothing: the whole call is 'rest'."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    spec = {"shape": [1, 2, 32, 16], "causal": True, "backward": True, "breakdown": True}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--child", "first-call",
+                           json.dumps(spec)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    split = result["breakdown"]
+    assert split["import_triton_s"] > 0
+    assert split["compiles"] == [] and split["c_builds"] == []
+    assert split["compile_s"] == split["c_build_s"] == split["triton_key_s"] == 0
+    assert split["rest_s"] == result["first_call_s"] > 0
