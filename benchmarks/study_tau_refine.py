@@ -36,7 +36,9 @@ log = logging.getLogger("study_tau_refine")
 
 def _study_start():
     """benchmarks/study_tau_start.py (its replay of the kernel's loop, starts and rows)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import study_tau_start
 
     return study_tau_start

@@ -11,10 +11,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _cpu_env() -> dict[str, str]:
+    """This environment for a child that must run the reduced CPU mode, even on a GPU machine."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def test_bench_host_quick_run_on_cpu(tmp_path):
     out = tmp_path / "host.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the reduced mode, even on a GPU machine
+    env = _cpu_env()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--quick", "--calls", "2",
                            "--repeats", "2", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -40,8 +46,7 @@ def test_profile_host_refuses_without_a_gpu(tmp_path):
     """benchmarks/profile_host.py profiles the GPU eager path only: without CUDA it says so and
     exits 2, writing nothing."""
     out = tmp_path / "profile.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env = _cpu_env()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_host.py"), "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
@@ -93,8 +98,7 @@ def test_clock_calls_records_each_call_and_passes_results_and_errors_through():
 def test_first_call_breakdown_child_reports_its_parts_on_cpu():
     """The breakdown child imports Triton before the clock and reports what it clocked. On CPU the
     torch backend compiles nothing: the whole call is 'rest'."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env = _cpu_env()
     spec = {"shape": [1, 2, 32, 16], "causal": True, "backward": True, "breakdown": True}
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--child", "first-call",
                            json.dumps(spec)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

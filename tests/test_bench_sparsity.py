@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from adasplash_tune.kernels.reference import tolerance
 from tests.scripts import load_script
 
