@@ -8,7 +8,11 @@ Backward: with s = p^(2 - alpha) on the support, dx = s g - s sum(s g) / sum(s).
 The start (``tau_init``): "subset" takes the threshold of the row's chunk maxima (strided chunks
 that each lie in one thread, max taken in registers by the pass that finds the row max): tau is
 monotone in the set of scores, so the threshold of any subset is a lower bound of the row's; for a
-support of a few dozen scores it is within a few percent of the root. "lo" starts at -1.
+support of a few dozen scores it is within a few percent of the root. A row held in registers
+(one tile) first merges each thread's chunk maxima into one (:func:`_group_max`: 256 values at
+8 warps instead of 2048) and solves their threshold in 3 steps instead of 4; each of those steps
+is a cross-warp reduction, and on the H200 they cost more than the full-row step they replace
+(benchmarks/results/h200-entmax-start-ab.json). "lo" starts at -1.
 The iterations stop on the device once every valid row of the program moved by at most ``tau_tol``
 of its support width ``max z - tau = -tau`` (``niter`` caps them): randn rows of 8192 need one or two
 iterations from the subset start instead of three or four from -1.
@@ -24,7 +28,8 @@ benchmarks/results/h200-entmax-certified.json). A row in registers (one tile)
 skips it: there the extra per-score work cost more than the sweeps it saves (0.079 vs 0.073 ms).
 
 alpha = 1.5 and alpha = 2 are compile-time specialisations that use squares and support counts
-only; any other alpha uses log2/exp2. A row that fits one tile stays in registers across the
+only (a count is one ``set.gt`` per score on NVIDIA GPUs, :func:`_indicator`); any other alpha
+uses log2/exp2. A row that fits one tile stays in registers across the
 iterations; a longer row that is not certified is swept tile by tile in every iteration.
 
 Launch parameters come only from the :class:`Config` (``block_n``, ``rows``, ``num_warps``,
@@ -54,6 +59,8 @@ _MIN_TILE = 16
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 #: Halley steps that solve the threshold of the chunk maxima (the "subset" start).
 _SUBSET_ITERS = tl.constexpr(4)
+#: ... and of one maximum per thread, the start of a row held in registers.
+_GROUPED_ITERS = tl.constexpr(3)
 #: Defaults for configs stored before a knob existed (older caches, hand-built Configs).
 _KNOB_DEFAULTS = {"tau_tol": "auto", "tau_init": "subset"}
 
@@ -104,18 +111,30 @@ def _sum2(t0, t1, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _indicator(u, PTX: tl.constexpr):
+    """1.0 where u > 0, else 0.0. On NVIDIA hardware one ``set.gt.f32.f32`` (FSET) per element:
+    written as ``tl.where(u > 0, 1.0, 0.0)``, LLVM packs half a row's predicates into bit masks and
+    unpacks them again (sm_90 SASS of the one-tile Halley step: 391 instructions a thread against
+    309 with this), whether it compares u with 0 or z with tau."""
+    if PTX:
+        r = tl.inline_asm_elementwise("set.gt.f32.f32 $0, $1, 0f00000000;", "=r,r", [u], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = tl.where(u > 0.0, 1.0, 0.0)
+    return r
+
+
+@triton.jit
 def _row_sums(z, tau, b, MODE: tl.constexpr, FUSED: tl.constexpr, FAST_LOG: tl.constexpr):
     """Per-row (sum u^b, sum u^(b-1), sum u^(b-2)) with u = [z - tau]_+ over a [ROWS, BLOCK_N] tile.
 
     alpha = 2 returns the third sum as zeros (f'' = 0).
     """
     u = tl.maximum(z - tau[:, None], 0.0)
-    # support counts compare z with tau directly: testing u > 0 makes LLVM pack the predicates
-    # into bit masks and unpack them again (about 30% more instructions per iteration).
     if MODE == 1:
-        s0, s1, s2 = _sum3(u * u, u, tl.where(z > tau[:, None], 1.0, 0.0), FUSED)
+        s0, s1, s2 = _sum3(u * u, u, _indicator(u, FAST_LOG), FUSED)
     elif MODE == 2:
-        s0, s1 = _sum2(u, tl.where(z > tau[:, None], 1.0, 0.0), FUSED)
+        s0, s1 = _sum2(u, _indicator(u, FAST_LOG), FUSED)
         s2 = s0 * 0.0
     else:
         uc = tl.maximum(u, 1e-20)
@@ -174,13 +193,38 @@ def _chunk_max(z, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexp
 @triton.jit
 def _chunk_top2(z, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
     """(:func:`_chunk_max`, each chunk's second largest value counted with multiplicity): the
-    largest score of the row outside the chunk maxima is the max of the second ones."""
-    z3 = tl.reshape(z, (ROWS, BLOCK_N // CHUNKS, CHUNKS))
-    c1 = tl.max(z3, axis=1)
-    top = z3 == c1[:, None, :]
-    c2 = tl.max(tl.where(top, float("-inf"), z3), axis=1)
-    ties = tl.sum(top.to(tl.int32), axis=1)
-    return c1, tl.where(ties > 1, c1, c2)
+    largest score of the row outside the chunk maxima is the max of the second ones.
+
+    Chunks of two or four columns (every launch with chunks of at most 8 x 32 x num_warps) take a
+    max/min network, 1.5 operations a column; longer chunks mask their maximum out."""
+    M: tl.constexpr = BLOCK_N // CHUNKS
+    if M == 2:
+        z3 = tl.reshape(z, (ROWS, 2, CHUNKS))
+        c1 = tl.max(z3, axis=1)
+        c2 = tl.min(z3, axis=1)
+    elif M == 4:
+        z4 = tl.reshape(z, (ROWS, 2, 2, CHUNKS))
+        hi = tl.max(z4, axis=2)
+        lo = tl.min(z4, axis=2)
+        c1 = tl.max(hi, axis=1)
+        c2 = tl.maximum(tl.min(hi, axis=1), tl.max(lo, axis=1))
+    else:
+        z3 = tl.reshape(z, (ROWS, M, CHUNKS))
+        c1 = tl.max(z3, axis=1)
+        top = z3 == c1[:, None, :]
+        c2 = tl.max(tl.where(top, float("-inf"), z3), axis=1)
+        ties = tl.sum(top.to(tl.int32), axis=1)
+        c2 = tl.where(ties > 1, c1, c2)
+    return c1, c2
+
+
+@triton.jit
+def _group_max(c, ROWS: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr):
+    """[ROWS, CHUNKS // GROUP] maxima of GROUP consecutive chunk maxima (one thread's, so no data
+    moves): a smaller subset for the start of a row held in registers."""
+    if GROUP > 1:
+        c = tl.max(tl.reshape(c, (ROWS, CHUNKS // GROUP, GROUP)), axis=2)
+    return c
 
 
 @triton.jit
@@ -225,15 +269,15 @@ def _start_certified(vals, rest, lo, hi, b, MODE: tl.constexpr, FUSED: tl.conste
 
 @triton.jit
 def _start(vals, lo, hi, b, MODE: tl.constexpr, FUSED: tl.constexpr, FAST_LOG: tl.constexpr,
-           INIT: tl.constexpr):
-    """First tau: the threshold of the scores ``vals`` [ROWS, CHUNKS] (shifted like z; a subset
-    of the row, so a lower bound of its root) by a few Halley steps from -1, clamped into
-    [lo, hi]; or lo (INIT == 0)."""
+           INIT: tl.constexpr, ITERS: tl.constexpr):
+    """First tau: the threshold of the scores ``vals`` [ROWS, k] (shifted like z; a subset of the
+    row, so a lower bound of its root) by ITERS Halley steps from -1, clamped into [lo, hi]; or
+    lo (INIT == 0)."""
     if INIT == 1:
         tau = lo
         slo = lo
         shi = hi
-        for _ in tl.static_range(_SUBSET_ITERS):
+        for _ in tl.static_range(ITERS):
             s0, s1, s2 = _row_sums(vals, tau, b, MODE, FUSED, FAST_LOG)
             tau, slo, shi = _halley_step(tau, slo, shi, s0, s1, s2, b, MODE)
         tau = tl.minimum(tl.maximum(tau, lo), hi)
@@ -250,6 +294,8 @@ def _probs(z, tau, b, MODE: tl.constexpr, FAST_LOG: tl.constexpr):
         p = u * u
     elif MODE == 2:
         p = u
+    elif FAST_LOG:  # lg2.approx(0) = -inf and b > 0, so u = 0 gives ex2(-inf) = 0 without a select
+        p = tl.exp2(b * _log2(u, FAST_LOG))
     else:
         p = tl.where(u > 0.0, tl.exp2(b * _log2(tl.maximum(u, 1e-20), FAST_LOG)), 0.0)
     return p
@@ -268,7 +314,7 @@ def _load_z(x_rows, cols, row_ok, n_cols, zmax, scale):
 def _entmax_fwd_kernel(
     X, Y, n_rows, n_cols, stride_x, stride_y, scale, b, gap, niter, tol,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, SINGLE: tl.constexpr,
-    FUSED: tl.constexpr, FAST_LOG: tl.constexpr, INIT: tl.constexpr, CHUNKS: tl.constexpr,
+    FUSED: tl.constexpr, FAST_LOG: tl.constexpr, INIT: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -282,12 +328,19 @@ def _entmax_fwd_kernel(
     # uniform branch; the same loop as `while` crashes Triton 3.6's layout pass)
     go = tl.program_id(0) >= 0
     if SINGLE:
-        z = _load_z(x_rows, cols, row_ok, n_cols, zero, scale)
-        cmax = _chunk_max(z, ROWS, BLOCK_N, CHUNKS)
-        zmax = tl.max(cmax, axis=1)
-        z = z - zmax[:, None]
-        tau = _start(cmax - zmax[:, None], lo, hi, b, MODE, FUSED, FAST_LOG, INIT)
-        for _ in range(niter):
+        # the max pass runs on the unscaled row (scale > 0 keeps the order), so that z is one
+        # fused multiply-add per score, not a product and then a shift
+        x = _load_z(x_rows, cols, row_ok, n_cols, zero, 1.0)
+        cmax = _chunk_max(x, ROWS, BLOCK_N, CHUNKS)
+        zmax = tl.max(cmax, axis=1) * scale
+        z = x * scale - zmax[:, None]
+        vals = _group_max(cmax, ROWS, CHUNKS, GROUP) * scale - zmax[:, None]
+        tau = _start(vals, lo, hi, b, MODE, FUSED, FAST_LOG, INIT, _GROUPED_ITERS)
+        # niter >= 1: the first step is straight-line code (as the loop is when Triton specialises
+        # niter == 1: 0.0525 against 0.0553 ms at 4096 x 8192, alpha 1.5, one step run either way)
+        s0, s1, s2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
+        tau, lo, hi, go = _halley_go(tau, lo, hi, s0, s1, s2, b, row_ok, tol, MODE)
+        for _ in range(1, niter):
             if go:
                 s0, s1, s2 = _row_sums(z, tau, b, MODE, FUSED, FAST_LOG)
                 tau, lo, hi, go = _halley_go(tau, lo, hi, s0, s1, s2, b, row_ok, tol, MODE)
@@ -299,21 +352,22 @@ def _entmax_fwd_kernel(
         cmax = tl.full([ROWS, CHUNKS], float("-inf"), dtype=tl.float32)
         if INIT == 2:
             csec = tl.full([ROWS, CHUNKS], float("-inf"), dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK_N):
-                z = _load_z(x_rows, start + cols, row_ok, n_cols, zero, scale)
-                t1, t2 = _chunk_top2(z, ROWS, BLOCK_N, CHUNKS)
+            for start in range(0, n_cols, BLOCK_N):  # unscaled, as in the one-tile path
+                x = _load_z(x_rows, start + cols, row_ok, n_cols, zero, 1.0)
+                t1, t2 = _chunk_top2(x, ROWS, BLOCK_N, CHUNKS)
                 cmax, csec = _merge_top2(cmax, csec, t1, t2)
-            zmax, rest = _row_max2(cmax, csec, FUSED)
-            vals = cmax - zmax[:, None]
-            tau, lo, exact = _start_certified(vals, rest - zmax, lo, hi, b, MODE, FUSED, FAST_LOG)
+            xmax, rest = _row_max2(cmax, csec, FUSED)
+            zmax = xmax * scale
+            vals = cmax * scale - zmax[:, None]
+            tau, lo, exact = _start_certified(vals, rest * scale - zmax, lo, hi, b, MODE, FUSED, FAST_LOG)
             subset_only = tl.min(tl.where(row_ok & ~exact, 0, 1), axis=0) > 0
         else:
             for start in range(0, n_cols, BLOCK_N):
-                z = _load_z(x_rows, start + cols, row_ok, n_cols, zero, scale)
-                cmax = tl.maximum(cmax, _chunk_max(z, ROWS, BLOCK_N, CHUNKS))
-            zmax = tl.max(cmax, axis=1)
-            vals = cmax - zmax[:, None]
-            tau = _start(vals, lo, hi, b, MODE, FUSED, FAST_LOG, INIT)
+                x = _load_z(x_rows, start + cols, row_ok, n_cols, zero, 1.0)
+                cmax = tl.maximum(cmax, _chunk_max(x, ROWS, BLOCK_N, CHUNKS))
+            zmax = tl.max(cmax, axis=1) * scale
+            vals = cmax * scale - zmax[:, None]
+            tau = _start(vals, lo, hi, b, MODE, FUSED, FAST_LOG, INIT, _SUBSET_ITERS)
             subset_only = tl.program_id(0) < 0
         for _ in range(niter):
             if go:
@@ -425,6 +479,13 @@ class LaunchParams:
         (8 columns per thread, 16-byte loads of 16-bit inputs), chunks of >= 2 columns."""
         return max(1, min(8 * 32 * self.num_warps, self.block_n // 2))
 
+    @property
+    def group(self) -> int:
+        """Chunk maxima per thread (of the one-tile layout), merged into one for the start of a row
+        held in registers: the threshold of 256 maxima from 3 steps needs the same full-row steps
+        as that of 2048 from 4 (float64 replay on randn rows of 8192 at alpha 1.5, 2 and 1.3)."""
+        return max(1, self.chunks // (32 * self.num_warps))
+
     def tol(self, dtype: torch.dtype, alpha: float) -> float:
         """The early-exit step for ``dtype`` and ``alpha`` as the kernel takes it (-1: never stop early)."""
         return resolve_tol(self.tau_tol, dtype, alpha)
@@ -460,7 +521,8 @@ def _hardware_flags(is_cuda: bool, interpreted: bool) -> dict[str, bool]:
 
     FUSED: one tuple reduction for several row sums (the interpreter runs a custom combine
     function element by element, so it gets plain tl.sum). FAST_LOG: lg2.approx on NVIDIA GPUs
-    (tl.log2 compiles to a polynomial); the interpreter and ROCm use tl.log2.
+    (tl.log2 compiles to a polynomial) and PTX ``set.gt`` for support counts; the interpreter and
+    ROCm use tl.log2 and tl.where.
     """
     nvidia = is_cuda and torch.version.hip is None
     return {"FUSED": not interpreted, "FAST_LOG": nvidia and not interpreted}
@@ -474,7 +536,7 @@ def _forward_launch(config: Config, n_rows: int, n_cols: int, stride_x: int, str
     scalars = (n_rows, n_cols, stride_x, stride_y, alpha - 1.0, 1.0 / (alpha - 1.0), float(n_cols) ** (1.0 - alpha),
                lp.niter, lp.tol(dtype, alpha))
     init = (1 if lp.single else 2) if lp.subset_start else 0  # 2: certified (multi-tile rows only)
-    meta = dict(ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single, INIT=init, CHUNKS=lp.chunks,
+    meta = dict(ROWS=lp.rows, BLOCK_N=lp.block_n, MODE=_mode(alpha), SINGLE=lp.single, INIT=init, CHUNKS=lp.chunks, GROUP=lp.group,
                 **_hardware_flags(is_cuda, interpreted), num_warps=lp.num_warps, num_stages=lp.num_stages)
     return Launch(_entmax_fwd_kernel, (triton.cdiv(n_rows, lp.rows),), scalars, meta)
 

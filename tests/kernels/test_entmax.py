@@ -405,8 +405,10 @@ def test_gpu_warm_forward_matches_the_general_path(dtype, monkeypatch):
 # --------------------------------------------------------------------------- the certified start
 
 
-def test_chunk_top2_counts_ties_and_padding(triton_device):
-    """Each chunk's largest and second largest value, a tie counted twice, -inf padding kept."""
+@pytest.mark.parametrize("per_chunk", (2, 4, 8))
+def test_chunk_top2_counts_ties_and_padding(triton_device, per_chunk):
+    """Each chunk's largest and second largest value, a tie counted twice, -inf padding kept, for
+    chunks of 2 and 4 columns (max/min networks) and of 8 (the general path)."""
     import triton
     import triton.language as tl
 
@@ -420,10 +422,12 @@ def test_chunk_top2_counts_ties_and_padding(triton_device):
         tl.store(C1 + r[:, None] * CHUNKS + k[None, :], c1)
         tl.store(C2 + r[:, None] * CHUNKS + k[None, :], c2)
 
-    rows, cols, chunks = 2, 16, 4
+    rows, chunks = 2, 4
+    cols = chunks * per_chunk
     x = torch.randn(rows, cols)
-    x[0, 1] = x[0, 5] = 9.0  # chunk 1 (columns 1, 5, 9, 13) holds a tie at its max
-    x[1, 2::4] = float("-inf")  # chunk 2 of row 1: all padding
+    x[0, 1] = x[0, 1 + chunks * (per_chunk - 1)] = 9.0  # chunk 1 holds a tie at its max
+    x[1, 3] = x[1, 3 + chunks] = -9.0  # chunk 3 of row 1: a tie at the bottom
+    x[1, 2::chunks] = float("-inf")  # chunk 2 of row 1: all padding
     x = x.to(triton_device)
     c1 = torch.empty(rows, chunks, device=triton_device)
     c2 = torch.empty_like(c1)
