@@ -195,8 +195,8 @@ def _chunk_top2(z, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constex
     """(:func:`_chunk_max`, each chunk's second largest value counted with multiplicity): the
     largest score of the row outside the chunk maxima is the max of the second ones.
 
-    Chunks of two or four columns (every launch with chunks of at most 8 x 32 x num_warps) take a
-    max/min network, 1.5 operations a column; longer chunks mask their maximum out."""
+    Chunks of two or four columns (the launches' usual ones: a tile of 2 or 4 layout sweeps) take
+    a max/min network, 1.5 operations a column; longer chunks mask their maximum out."""
     M: tl.constexpr = BLOCK_N // CHUNKS
     if M == 2:
         z3 = tl.reshape(z, (ROWS, 2, CHUNKS))
@@ -220,8 +220,8 @@ def _chunk_top2(z, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constex
 
 @triton.jit
 def _group_max(c, ROWS: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr):
-    """[ROWS, CHUNKS // GROUP] maxima of GROUP consecutive chunk maxima (one thread's, so no data
-    moves): a smaller subset for the start of a row held in registers."""
+    """[ROWS, CHUNKS // GROUP] maxima of GROUP consecutive chunk maxima (those of one thread, so
+    the max is taken in registers): a smaller subset for the start of a row held in registers."""
     if GROUP > 1:
         c = tl.max(tl.reshape(c, (ROWS, CHUNKS // GROUP, GROUP)), axis=2)
     return c
