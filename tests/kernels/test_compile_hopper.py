@@ -102,6 +102,9 @@ def compile_entmax(cols: int, alpha: float) -> None:
     launch = _forward_launch(TRITON.default(), 64, cols, cols, cols, alpha, torch.bfloat16, True, False)
     asm = _compile(launch)
     assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+    # alpha = 1.5 and 2 count the support with one set.gt a score (a select there compiles to
+    # packed predicate bit masks: kernels/entmax.py, _indicator)
+    assert ("set.gt.f32.f32" in asm["ptx"]) == (alpha in (1.5, 2.0))
 
 
 def _run_child(code: str) -> None:
