@@ -482,8 +482,10 @@ class LaunchParams:
     @property
     def group(self) -> int:
         """Chunk maxima per thread (of the one-tile layout), merged into one for the start of a row
-        held in registers: the threshold of 256 maxima from 3 steps needs the same full-row steps
-        as that of 2048 from 4 (float64 replay on randn rows of 8192 at alpha 1.5, 2 and 1.3)."""
+        held in registers. From the threshold of 256 maxima in 3 steps, randn rows of 8192 need
+        the same full-row steps as from 2048 in 4 at alpha 1.5 (one), 0.6 more at alpha 2 and
+        0.5 more on flat alpha-1.3 rows, 1.2 fewer on flat alpha-2 rows
+        (benchmarks/study_entmax_start.py); the start's steps are what the GPU saves."""
         return max(1, self.chunks // (32 * self.num_warps))
 
     def tol(self, dtype: torch.dtype, alpha: float) -> float:
