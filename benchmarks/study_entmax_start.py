@@ -29,19 +29,11 @@ from pathlib import Path
 
 import torch
 
+import study_tau_start  # next to this script: its replay of the kernel's safeguarded Halley loop
+
 log = logging.getLogger("study_entmax_start")
 
 NITER = 10  # the kernel's default cap on full-row steps
-
-
-def _study_tau_start():
-    """benchmarks/study_tau_start.py: its replay of the kernel's safeguarded Halley loop."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import study_tau_start
-
-    return study_tau_start
 
 
 def chunk_maxima(z: torch.Tensor, chunks: int, group: int = 1) -> torch.Tensor:
@@ -58,7 +50,7 @@ def chunk_maxima(z: torch.Tensor, chunks: int, group: int = 1) -> torch.Tensor:
 def full_steps(z: torch.Tensor, alpha: float, chunks: int, group: int, iters: int, tol: float) -> torch.Tensor:
     """Full-row steps per row (z shifted so that its max is 0) after the start of ``iters`` Halley
     steps on the (grouped) chunk maxima, clamped into the bracket."""
-    sts = _study_tau_start()
+    sts = study_tau_start
     b = 1.0 / (alpha - 1.0)
     zmax = torch.zeros(z.shape[0], dtype=z.dtype)
     lo = zmax - 1.0
@@ -81,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--cols", type=int, default=8192)
-    p.add_argument("--threads", type=int, default=256, help="threads of a program (32 x num_warps)")
+    p.add_argument("--warps", type=int, default=8, help="num_warps of the launch (the default config's)")
     p.add_argument("--alphas", default="1.5,2,1.3")
     p.add_argument("--scales", default="1,0.25,4")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from adasplash_tune.kernels.entmax import resolve_tol  # the kernel's early-exit step per alpha
+    from adasplash_tune.kernels.declarations.entmax import TRITON
+    from adasplash_tune.kernels.entmax import launch_params, resolve_tol
 
-    tile = 1 << max(args.cols - 1, 0).bit_length()
-    chunks = max(1, min(8 * args.threads, tile // 2))  # LaunchParams.chunks
-    group = max(1, chunks // args.threads)  # LaunchParams.group
+    lp = launch_params(TRITON.default().replace(num_warps=args.warps), args.cols)  # the kernel's chunking
+    chunks, group = lp.chunks, lp.group
     starts = [(chunks, 1, it) for it in (1, 2, 3, 4)] + [(chunks, group, it) for it in (1, 2, 3, 4)]
     results = []
     t0 = time.perf_counter()
@@ -107,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("alpha %s scale %s: %s", alpha, scale,
                      ", ".join(f"{k}: {v}" for k, v in row["full_steps"].items()))
     report = {"study": "full-row Halley steps of the one-tile entmax after each start (float64 replay)",
-              "rows": args.rows, "cols": args.cols, "threads": args.threads, "chunks": chunks, "group": group,
+              "rows": args.rows, "cols": args.cols, "warps": args.warps, "chunks": chunks, "group": group,
               "niter": NITER, "seconds": round(time.perf_counter() - t0, 1), "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -10,7 +10,7 @@ from tests.scripts import load_script
 
 
 def _study():
-    return load_script("benchmarks/study_entmax_start.py")
+    return load_script("benchmarks/study_entmax_start.py", siblings=True)
 
 
 def test_chunk_maxima_are_strided_and_grouped_like_the_kernel():
@@ -36,7 +36,7 @@ def test_a_start_at_the_root_needs_one_step_and_a_far_one_more():
 
 def test_study_runs_and_reports_every_start(tmp_path):
     out = tmp_path / "s.json"
-    assert _study().main(["--rows", "4", "--cols", "300", "--threads", "32", "--alphas", "1.5,2",
+    assert _study().main(["--rows", "4", "--cols", "300", "--warps", "1", "--alphas", "1.5,2",
                           "--scales", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["chunks"] == 256 and report["group"] == 8
