@@ -517,7 +517,7 @@ def test_gpu_warm_calls_match_the_general_path(shape, dtype, config, monkeypatch
     """Warm calls through the public API take the short paths of kernels/attention/warm.py (one
     workspace, raw addresses) and give exactly what the general path gives: forward without
     grad, forward+backward for every set of inputs needing a gradient, aligned and misaligned
-    inputs, int32 varlen lengths."""
+    inputs, strided views of a packed projection with a strided gradient, int32 varlen lengths."""
     from adasplash_tune.kernels.attention import warm
 
     b, hq, hkv, n, d = shape
@@ -533,20 +533,25 @@ def test_gpu_warm_calls_match_the_general_path(shape, dtype, config, monkeypatch
         view.copy_(t)
         return view
 
+    def packed(q, k, v):  # views of one (B, N, Hq + 2 Hkv, D) projection, as a model's layer makes them
+        buf = torch.cat([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+        return tuple(t.transpose(1, 2) for t in buf.split([hq, hkv, hkv], dim=2))
+
     lengths = torch.tensor([n, n // 3 + 1, 0][:b], dtype=torch.int32, device="cuda")
-    inputs = [(q, k, v, None), (q, k, v, lengths)]
+    strided_grad = grad.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, strided
+    inputs = [(q, k, v, None, grad), (q, k, v, lengths, grad), (*packed(q, k, v), None, strided_grad)]
     if dtype != torch.float32:  # alignment is dtype-blind; float32 kernels take minutes to compile
-        inputs.append((*(misaligned(t) for t in (q, k, v)), None))
+        inputs.append((*(misaligned(t) for t in (q, k, v)), None, grad))
     needs = [(False, False, False), (True, True, True), (True, False, False), (False, True, True)]
 
     def run(tensors, need):
-        *qkv, varlen = tensors
+        *qkv, varlen, grad_out = tensors
         leaves = [t.detach().requires_grad_(w) for t, w in zip(qkv, need)]
         if not any(need):
             with torch.no_grad():
                 return [adasplash_tune.adasplash(*leaves, 1.5, True, varlen, config=cfg)]
         out = adasplash_tune.adasplash(*leaves, 1.5, True, varlen, config=cfg)
-        return [out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad)]
+        return [out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out)]
 
     hits = {"fwd": 0, "bwd": 0}
 

@@ -9,6 +9,8 @@ offsets mean the same 16-byte-alignment pattern, hence the kernel the general pa
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -132,13 +134,12 @@ def test_split_backward_buffers(shape, need_kv, with_varlen, monkeypatch):
 
 
 def test_short_paths_decline_without_launching():
-    """Not ready, non-contiguous inputs or poisoned outputs: None, and no launch."""
+    """Not ready or poisoned outputs: None, and no launch."""
     q, k, v, geo, cfg = _problem((1, 2, 2, 64, 32))
     mask_shape, scratch, _ = op._forward_plan(geo, cfg, op._SCRATCH_BUDGET_BYTES)
     plan = warm.plan_fused_forward(geo, cfg, 1.5, 0.1, False, False, q.dtype, mask_shape, scratch, True)
     idle, rec = _Recorder(ready=False), _Recorder()
     assert warm.fused_forward(plan._replace(run=idle), q, k, v) is None
-    assert warm.fused_forward(plan._replace(run=rec), q.transpose(2, 3), k, v) is None
     with poison_outputs():
         assert warm.fused_forward(plan._replace(run=rec), q, k, v) is None
     assert not idle.calls and not rec.calls
@@ -146,9 +147,55 @@ def test_short_paths_decline_without_launching():
     bwd = bwd._replace(lists=rec, dq=rec, dkv=idle)
     stats, mask = torch.empty(2, geo.rows, 64), torch.zeros((geo.rows, *op.mask_shape(geo, cfg)), dtype=torch.int8)
     assert warm.split_backward(bwd, torch.randn_like(q), q, k, v, stats, mask) is None
-    assert warm.split_backward(bwd._replace(dkv=rec), torch.randn_like(q).transpose(2, 3), q, k, v, stats,
-                               mask) is None
     assert not rec.calls and not idle.calls
+
+
+class _Reader(_Recorder):
+    """A Recorder that also reads, while the launch is being made, what a kernel would read at
+    the given leading addresses: (address index, shape, dtype) -> the values there (host memory:
+    the tensors are CPU tensors)."""
+
+    def __init__(self, reads: dict[int, tuple[torch.Size, torch.dtype]]) -> None:
+        super().__init__()
+        self.reads, self.seen = reads, {}
+
+    def direct(self, *pointers: int) -> bool:
+        for i, (shape, dtype) in self.reads.items():
+            nbytes = shape.numel() * dtype.itemsize
+            raw = ctypes.string_at(pointers[i], nbytes)
+            self.seen[i] = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
+        return super().direct(*pointers)
+
+
+def test_short_paths_take_strided_inputs_as_contiguous_copies():
+    """q, k, v as views of one packed (B, N, Hq + 2 Hkv, D) projection, as a model's attention
+    layer makes them, and a transposed gradient: the short paths launch on contiguous copies that
+    hold the same values (what the general path's .contiguous() gives), and return contiguous
+    outputs."""
+    b, hq, hkv, n, d = 2, 4, 2, 48, 32
+    packed = torch.randn(b, n, hq + 2 * hkv, d)
+    q, k, v = (t.transpose(1, 2) for t in packed.split([hq, hkv, hkv], dim=2))
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    geo = Geometry.of(q, k)
+    cfg = op.checked_config(TRITON.validate({}), q)
+    mask_shape, scratch, _ = op._forward_plan(geo, cfg, op._SCRATCH_BUDGET_BYTES)
+    plan = warm.plan_fused_forward(geo, cfg, 1.5, 0.1, True, False, q.dtype, mask_shape, scratch, True)
+    reads = {0: (q.shape, q.dtype), 1: (k.shape, k.dtype), 2: (v.shape, v.dtype)}
+    rec = _Reader(reads)
+    out, _ = warm.fused_forward(plan._replace(run=rec), q, k, v)
+    assert len(rec.calls) == 1 and out.is_contiguous() and out.shape == q.shape
+    for i, t in enumerate((q, k, v)):
+        assert torch.equal(rec.seen[i], t)
+
+    grad = torch.randn(b, n, hq, d).transpose(1, 2)
+    bwd = warm.plan_split_backward(geo, cfg, 1.5, 0.1, True, False, q.dtype, True)
+    dq_rec = _Reader({**reads, 3: (grad.shape, grad.dtype)})
+    bwd = bwd._replace(lists=_Recorder(), dq=dq_rec, dkv=_Recorder())
+    stats, mask = torch.empty(2, geo.rows, n), torch.zeros((geo.rows, *op.mask_shape(geo, cfg)), dtype=torch.int8)
+    dq, dk, dv = warm.split_backward(bwd, grad, q, k, v, stats, mask)
+    assert len(dq_rec.calls) == 1 and all(t.is_contiguous() for t in (dq, dk, dv))
+    for i, t in enumerate((q, k, v, grad)):
+        assert torch.equal(dq_rec.seen[i], t)
 
 
 def test_cpu_calls_plan_no_short_path():

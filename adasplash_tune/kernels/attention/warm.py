@@ -71,11 +71,13 @@ def plan_fused_forward(geo: Geometry, cfg: Config, alpha: float, scale: float, i
 def fused_forward(plan: FusedForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   varlen: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """(out, residuals as the general path returns them), or None, having launched nothing, when
-    the short path does not apply to these tensors (not contiguous, poisoned outputs under test,
-    no compiled kernel recorded for their alignment on this device). ``varlen``: int32 lengths
-    on q's device, when the plan has them."""
-    if _POISON[0] or not (plan.run.ready() and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+    the short path does not apply to these tensors (poisoned outputs under test, no compiled
+    kernel recorded for their alignment on this device). Strided inputs (q, k, v as views of one
+    packed projection, as models make them) are copied to contiguous ones, as the general path
+    does. ``varlen``: int32 lengths on q's device, when the plan has them."""
+    if _POISON[0] or not plan.run.ready():
         return None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     ws = q.new_empty((plan.size,), dtype=torch.uint8)
     o, w = out.data_ptr(), ws.data_ptr()
@@ -137,12 +139,13 @@ def split_backward(plan: SplitBackward, grad_out: torch.Tensor, q: torch.Tensor,
                    v: torch.Tensor, stats: torch.Tensor, mask: torch.Tensor, varlen: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """(dq, dk, dv) (dk, dv None without dK/dV), or None when the short path does not apply: then
-    nothing was launched, or only work into this call's own workspace, which is dropped.
-    ``varlen``: int32 lengths on q's device, when the plan has them."""
+    nothing was launched, or only work into this call's own workspace, which is dropped. Strided
+    tensors are copied to contiguous ones first, as in :func:`fused_forward`; the gradients are
+    contiguous. ``varlen``: int32 lengths on q's device, when the plan has them."""
     launches = (plan.lists, plan.dq) if plan.dkv is None else (plan.lists, plan.dq, plan.dkv)
-    if _POISON[0] or not all(run.ready() for run in launches) or not (
-            grad_out.is_contiguous() and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+    if _POISON[0] or not all(run.ready() for run in launches):
         return None
+    grad_out, q, k, v = grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     ws = q.new_empty((plan.size,), dtype=torch.uint8)
     dq = torch.empty_like(q)
     w, m = ws.data_ptr(), mask.data_ptr()
