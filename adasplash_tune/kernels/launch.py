@@ -22,6 +22,8 @@ import functools
 import os
 from typing import Any, Iterator
 
+from .first_launch import active_driver, launchers_built_aside
+
 __all__ = ["Launch", "direct_launch_enabled", "env_value", "compile_only", "parallel_compile"]
 
 _COMPILE_ONLY = [False]
@@ -119,8 +121,12 @@ class Launch:
 
     def __call__(self, *tensors: Any) -> None:
         if _COMPILE_ONLY[0] and env_value("TRITON_INTERPRET", "0") != "1":
-            kernel = self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
-            load = None if _ASYNC[0] else getattr(kernel, "_init_handles", None)  # a future under _ASYNC
+            if _ASYNC[0]:  # a future, loaded when first launched
+                self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
+                return
+            with launchers_built_aside(getattr(_driver(), "launcher_cls", None)):
+                kernel = self.fn.warmup(*tensors, *self.scalars, grid=self.grid, **self.meta)
+            load = getattr(kernel, "_init_handles", None)
             if load is not None:  # loading is where a kernel that needs too much shared memory fails
                 load()
             return
@@ -131,9 +137,13 @@ class Launch:
         if entry and not _hooks_set():
             self._relaunch(entry, drv, device, tensors)
             return
-        kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
-        if entry is False:  # first launch with this alignment on this device: record the compiled kernel
-            self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
+        if entry is not False:
+            self.fn[self.grid](*tensors, *self.scalars, **self.meta)
+            return
+        # first launch with this alignment on this device: it may compile
+        with launchers_built_aside(getattr(drv, "launcher_cls", None)):
+            kernel = self.fn[self.grid](*tensors, *self.scalars, **self.meta)
+        self._direct[key] = _direct_entry(self.fn, kernel, len(tensors), self.scalars, self.meta)
 
     def _recorded(self, addresses: Any) -> tuple[Any, int, int, Any]:
         """(driver, current device, key, the compiled kernel recorded for the key or False): the key
@@ -234,9 +244,7 @@ def _knobs_runtime() -> Any:
     return knobs.runtime
 
 
-@functools.lru_cache(maxsize=1)
 def _driver() -> Any:
-    """Triton's active GPU driver (current device and stream exactly as its own launches read them)."""
-    from triton.runtime import driver
-
-    return driver.active
+    """Triton's active GPU driver (current device and stream exactly as its own launches read them),
+    created with Triton's one-time work overlapped (:func:`.first_launch.active_driver`)."""
+    return active_driver()
