@@ -4,7 +4,8 @@ Parts (``--parts``, default all):
 
 * ``host``: microseconds of host time per call (enqueue only: no synchronisation inside the timed
   loop) at tiny shapes, for ``adasplash`` forward, forward+backward and ``entmax``, against SDPA
-  and softmax; beside them the backend's own entry point ("alone") and the API over a backend that
+  and softmax (forward+backward also with q, k, v as views of one packed projection and a strided
+  gradient, as a model's layer makes them); beside them the backend's own entry point ("alone") and the API over a backend that
   only allocates its outputs ("null backend": the API's own cost, validation, memo and autograd),
   and on CUDA the same call with ``ADASPLASH_TUNE_DIRECT_LAUNCH=0`` ("triton path": every kernel
   through Triton's own per-call dispatch instead of kernels/launch.py's direct re-launch).
@@ -161,11 +162,23 @@ def host_part(cuda: bool, quick: bool, calls: int, repeats: int) -> dict[str, An
         ours = lambda a, b, c: adasplash_tune.adasplash(a, b, c, ALPHA, True)  # noqa: E731
         sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
         alone = lambda a, b, c: alone_diff(a, b, c, ALPHA, True, None, scale, cfg)  # noqa: E731
+        # q, k, v as a model's layer makes them: views of one (B, N, 3 H, D) projection, and the
+        # gradient of the output as strided as the transpose back to (B, N, H, D) leaves it
+        packed = torch.randn(shape[0], shape[2], 3 * shape[1], shape[3], generator=gen).to(device, dtype)
+        packed.requires_grad_()
+        grad_strided = grad.transpose(1, 2).contiguous().transpose(1, 2)
+
+        def packed_fwd_bwd(fn):
+            return lambda: torch.autograd.grad(fn(*(t.transpose(1, 2) for t in packed.split(shape[1], dim=2))),
+                                               packed, grad_strided)
+
         cases = {
             "forward": {"adasplash": lambda: ours(q, k, v), "sdpa": lambda: sdpa(q, k, v),
                         "backend_alone": alone_fwd and (lambda: alone_fwd(q, k, v, ALPHA, True, None, scale, cfg))},
             "forward_backward": {"adasplash": fwd_bwd(ours), "sdpa": fwd_bwd(sdpa),
                                  "backend_alone": alone_diff and fwd_bwd(alone)},
+            "forward_backward_packed": {"adasplash": packed_fwd_bwd(ours), "sdpa": packed_fwd_bwd(sdpa),
+                                        "backend_alone": None},
             "entmax": {"adasplash": lambda: adasplash_tune.entmax(x, ALPHA), "sdpa": lambda: torch.softmax(x, -1),
                        "backend_alone": alone_entmax and (lambda: alone_entmax(x, ALPHA, ent_cfg))},
         }
@@ -330,6 +343,14 @@ def clock_calls(owner: Any, name: str, records: list[tuple[str, float]], label: 
     setattr(owner, name, clocked)
 
 
+def _aside() -> str:
+    """" (aside)" in the threads of kernels/first_launch.py (builds that overlap the call's other
+    work), else "" (the calling thread: the main one, or autograd's for a backward)."""
+    import threading
+
+    return " (aside)" if threading.current_thread().name == "adasplash-triton-warm" else ""
+
+
 def _triton_clocks() -> tuple[float, dict[str, list[tuple[str, float]]]]:
     """Import Triton (seconds returned) and clock from now on its kernel compiles (by kernel name;
     with a warm cache a compile is a cache lookup), inside them the key of Triton itself (a hash of
@@ -344,7 +365,7 @@ def _triton_clocks() -> tuple[float, dict[str, list[tuple[str, float]]]]:
     clocks: dict[str, list[tuple[str, float]]] = {"compiles": [], "c_builds": [], "triton_key": []}
     clock_calls(triton.compiler, "compile", clocks["compiles"],
                 lambda src, *a, **k: getattr(src, "name", type(src).__name__))
-    clock_calls(triton.runtime.build, "_build", clocks["c_builds"], lambda name, *a, **k: name)
+    clock_calls(triton.runtime.build, "_build", clocks["c_builds"], lambda name, *a, **k: name + _aside())
     clock_calls(triton.runtime.cache, "triton_key", clocks["triton_key"], lambda *a, **k: "triton_key")
     return seconds, clocks
 
@@ -388,9 +409,11 @@ def child_first_call(spec: dict[str, Any]) -> dict[str, Any]:
               "heavy_modules_after_first_call": loaded}
     if clocks is not None:
         import_triton_s, clocked = clocks
-        compile_s, build_s = (sum(s for _, s in clocked[name]) for name in ("compiles", "c_builds"))
+        compile_s = sum(s for _, s in clocked["compiles"])
+        build_s = sum(s for n, s in clocked["c_builds"] if not n.endswith(" (aside)"))
         result["breakdown"] = {
             "import_triton_s": import_triton_s, "compile_s": compile_s, "c_build_s": build_s,
+            "c_build_aside_s": sum(s for n, s in clocked["c_builds"] if n.endswith(" (aside)")),
             "triton_key_s": sum(s for _, s in clocked["triton_key"]), "rest_s": first - compile_s - build_s,
             "compiles": [[n, round(s, 3)] for n, s in clocked["compiles"]],
             "c_builds": [[n, round(s, 3)] for n, s in clocked["c_builds"]]}
@@ -514,13 +537,15 @@ def _table(report: dict[str, Any]) -> str:
     if isinstance(host, dict) and "forward" in host:
         lines += ["", f"host time per call, us ({host['clock']}; {host['backend']} backend, "
                   f"attention {tuple(host['attention_shape'])}, entmax {tuple(host['entmax_shape'])}, {host['dtype']})",
-                  f"{'case':<18}{'adasplash':>11}{'sdpa/softmax':>14}{'ratio':>8}{'alone':>9}{'null bknd':>10}"
+                  f"{'case':<25}{'adasplash':>11}{'sdpa/softmax':>14}{'ratio':>8}{'alone':>9}{'null bknd':>10}"
                   f"{'wall ours':>11}{'wall ref':>10}{'triton path':>13}"]
-        for case in ("forward", "forward_backward", "entmax"):
-            r = host[case]
+        for case in ("forward", "forward_backward", "forward_backward_packed", "entmax"):
+            r = host.get(case)
+            if r is None:  # a report from before the packed case
+                continue
             alone = "-" if r["backend_alone"] is None else f"{r['backend_alone']['host_us']:.1f}"
             slow = "-" if not r.get("triton_dispatch") else f"{r['triton_dispatch']['host_us']:.1f}"
-            lines.append(f"{case:<18}{r['adasplash']['host_us']:>11.1f}{r['sdpa']['host_us']:>14.1f}"
+            lines.append(f"{case:<25}{r['adasplash']['host_us']:>11.1f}{r['sdpa']['host_us']:>14.1f}"
                          f"{r['ratio_to_sdpa']:>8.2f}{alone:>9}{r['api_overhead_us']:>10.1f}"
                          f"{r['adasplash']['wall_us']:>11.1f}{r['sdpa']['wall_us']:>10.1f}{slow:>13}")
     train = report.get("train")
@@ -548,7 +573,8 @@ def _table(report: dict[str, Any]) -> str:
                     kernels = ", ".join(f"{n} {s:.2f}" for n, s in split["compiles"])
                     lines.append(f"    {name}, split: compile {split['compile_s']:.2f} s ({kernels}; Triton's own key "
                                  f"{split['triton_key_s']:.2f}); C builds {split['c_build_s']:.2f} s "
-                                 f"({len(split['c_builds'])}); rest {split['rest_s']:.2f} s; import triton "
+                                 f"(+{split.get('c_build_aside_s', 0):.2f} s aside, overlapped; "
+                                 f"{len(split['c_builds'])} in all); rest {split['rest_s']:.2f} s; import triton "
                                  f"{split['import_triton_s']:.2f} s before the clock")
     memory = report.get("memory")
     if isinstance(memory, dict) and "cases" in memory:
